@@ -1,0 +1,1 @@
+"""Shared machinery, written once: validation, the optimizer base class and the wrapper contract."""

@@ -1,0 +1,1 @@
+"""Drop-in ``torch.optim.Optimizer`` implementations, one file per method."""

@@ -1,0 +1,130 @@
+r"""EXAdam: Adam with cross-moment debiasing and gradient acceleration.
+
+Paper: Adly, "EXAdam: The Power of Adaptive Cross-Moments", arXiv
+`2412.20302 <https://arxiv.org/abs/2412.20302>`_. Official code: https://github.com/AhmedMostafa16/EXAdam
+(optimlab follows its current head; the head file as published fails on construction, ``np`` being no longer
+imported, so it cannot serve as a test oracle).
+
+Update, per parameter tensor with step count :math:`t` and bias corrections
+:math:`b_1 = 1-\beta_1^t`, :math:`b_2 = 1-\beta_2^t`:
+
+.. math::
+
+    \theta &\leftarrow \theta - \eta\lambda\,\theta \qquad\text{(decoupled decay, with the base } \eta\text{)} \\
+    m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+    d_1 &= 1 + \beta_2^t\,\frac{v}{v+\epsilon}, \qquad d_2 = 1 + \beta_1^t\,\frac{m^2}{m^2+\epsilon} \\
+    \tilde m &= d_1 m / b_1, \quad \tilde v = d_2 v / b_2, \quad \tilde g = d_1 g / b_1 \\
+    \theta &\leftarrow \theta - \eta_t\,\frac{\tilde m + \tilde g}{\sqrt{\tilde v} + \epsilon}
+
+with :math:`\eta_t = \eta` by default (paper v2, official head) and
+:math:`\eta_t = \eta \ln\sqrt{2(t+1)}` with ``dynamic_lr=True`` (paper v1's growing step).
+The first step is about 16x an Adam step (15.9522·η for the default betas).
+
+Hyperparameters (defaults): ``lr`` 1e-3, ``betas`` (0.9, 0.999), ``eps`` 1e-8, ``weight_decay`` 0.0,
+``dynamic_lr`` False.
+
+Coming from AdamW: the author recommends lr 1e-3 / weight decay 1e-4 for vision and 3e-4 / 1e-5 for language;
+the learning rate is on Adam's scale, but mind the large first steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab._core.optimizer import OptimlabOptimizer, as_float
+from optimlab._core.validation import Each, Flag, Interval
+from optimlab.registry import MethodInfo, register
+
+__all__ = ["EXAdam", "exadam_"]
+
+_BETA = Interval(0.0, 1.0, high_closed=False)
+
+
+def exadam_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    dynamic_lr: bool,
+) -> None:
+    """Functional EXAdam: update ``params`` and ``states`` (``step``, ``exp_avg``, ``exp_avg_sq``) in place."""
+    beta1, beta2 = betas
+    for p, g, state in zip(params, grads, states):
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if weight_decay:
+            p.mul_(1 - lr * weight_decay)
+        state["step"] += 1
+        t = state["step"]
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        d1 = torch.div(v, v + eps).mul_(beta2**t).add_(1)
+        m_sq = m * m
+        d2 = m_sq.div_(m_sq + eps).mul_(beta1**t).add_(1)
+        denom = d2.mul_(v).div_(bc2).sqrt_().add_(eps)
+        numer = torch.add(m, g).mul_(d1).div_(bc1)
+        step_size = lr * math.log(math.sqrt(2 * (t + 1))) if dynamic_lr else lr
+        p.addcdiv_(numer, denom, value=-step_size)
+
+
+class EXAdam(OptimlabOptimizer):
+    __doc__ = __doc__
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        dynamic_lr: bool = False,
+    ) -> None:
+        super().__init__(
+            params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, dynamic_lr=dynamic_lr)
+        )
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        return {"step": 0, "exp_avg": self._zeros(p), "exp_avg_sq": self._zeros(p)}
+
+    def _update_group(self, group: dict[str, Any], params: list, grads: list, states: list) -> None:
+        exadam_(
+            params,
+            grads,
+            states,
+            lr=as_float(group["lr"]),
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            dynamic_lr=group["dynamic_lr"],
+        )
+
+
+register(
+    MethodInfo(
+        name="exadam",
+        cls=EXAdam,
+        kind="optimizer",
+        paper="EXAdam: The Power of Adaptive Cross-Moments",
+        arxiv="2412.20302",
+        code_url="https://github.com/AhmedMostafa16/EXAdam",
+        summary="Adam with cross-moment debiasing and a gradient-acceleration term",
+        hyperparameters={
+            "lr": Interval(0.0),
+            "betas": Each((_BETA, _BETA)),
+            "eps": Interval(0.0),
+            "weight_decay": Interval(0.0),
+            "dynamic_lr": Flag(),
+        },
+        lr_range=(1e-5, 1e-2),
+        advice="Adam's learning-rate scale (author: 1e-3 vision, 3e-4 language); first steps are ~16x Adam's.",
+    )
+)

@@ -1,0 +1,197 @@
+r"""Lion and the Lion-𝒦 family: sign-like updates of an interpolated momentum, with decoupled decay.
+
+Papers: Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv
+`2302.06675 <https://arxiv.org/abs/2302.06675>`_ (official code:
+https://github.com/google/automl/tree/master/lion); Chen, Liu, Liang, Liu, "Lion Secretly Solves Constrained
+Optimization, As Lyapunov Predicts", arXiv `2310.05898 <https://arxiv.org/abs/2310.05898>`_ (no official code).
+
+Lion-𝒦 replaces the sign of Lion by the gradient of a convex function 𝒦. Per parameter tensor:
+
+.. math::
+
+    c &= \beta_1 m + (1-\beta_1)\, g \\
+    \theta &\leftarrow (1-\eta\lambda)\,\theta - \eta\, \nabla\mathcal K(c) \\
+    m &\leftarrow \beta_2 m + (1-\beta_2)\, g
+
+(the step uses the momentum *before* its refresh). With decay :math:`\lambda>0` the iterates solve
+:math:`\min_\theta f(\theta) + \tfrac1\lambda \mathcal K^*(\lambda\theta)`, i.e. a constraint for norm-like 𝒦;
+started inside the set with :math:`\eta\lambda \le 1` they never leave it.
+
+The choices of ``kappa``, with :math:`\nabla\mathcal K(c)` and the constraint or regulariser it induces
+with decay :math:`\lambda`:
+
+- ``"sign"`` (Lion): :math:`\operatorname{sign}(c)`; box :math:`\lVert\theta\rVert_\infty \le 1/\lambda`.
+- ``"l2"``: :math:`c/\lVert c\rVert_2` per tensor; ball :math:`\lVert\theta\rVert_2 \le 1/\lambda`.
+- ``"lp"``: :math:`\operatorname{sign}(c)\lvert c\rvert^{p-1}/\lVert c\rVert_p^{p-1}`;
+  :math:`\lVert\theta\rVert_q \le 1/\lambda` with :math:`1/p + 1/q = 1`.
+- ``"huber"``: :math:`\operatorname{clip}(c/\delta, -1, 1)`; box :math:`\lVert\theta\rVert_\infty \le 1/\lambda`
+  plus :math:`\tfrac{\lambda\delta}{2}\lVert\theta\rVert_2^2`.
+- ``"quadratic"``: :math:`c` (momentum SGD); :math:`\tfrac{\lambda}{2}\lVert\theta\rVert_2^2` (plain L2).
+- ``"nuclear"``: :math:`UV^\top` of :math:`c = U\Sigma V^\top` (Muon-like); spectral norm
+  :math:`\lVert\theta\rVert_{op} \le 1/\lambda`.
+
+Norm-based 𝒦 act per parameter tensor; ``"nuclear"`` views a tensor as the matrix ``(shape[0], -1)`` (a
+vector as one row), as Muon does, and keeps only directions with nonzero singular values; a zero ``c`` gives a
+zero step for every 𝒦. ``torch.sign(0) = 0``.
+
+Hyperparameters (defaults): ``lr`` 1e-4, ``betas`` (0.9, 0.99), ``weight_decay`` 0.0; LionK adds
+``kappa`` ``"sign"``, ``norm_p`` 2.0 (for ``"lp"``), ``huber_delta`` 1.0 (for ``"huber"``).
+
+Coming from AdamW (the authors' advice): a learning rate 3-10x smaller and a weight decay 3-10x larger, so that
+the effective decay :math:`\eta\lambda` stays similar; betas (0.95, 0.98) help stability at scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab._core.optimizer import OptimlabOptimizer, as_float
+from optimlab._core.validation import Choice, Each, Interval
+from optimlab.registry import Capabilities, MethodInfo, register
+
+__all__ = ["Lion", "LionK", "lion_k_", "KAPPAS"]
+
+_BETA = Interval(0.0, 1.0)
+
+
+def _l2(c: Tensor, **_: float) -> Tensor:
+    return c.div_(torch.linalg.vector_norm(c).clamp_min_(torch.finfo(c.dtype).tiny))
+
+
+def _lp(c: Tensor, *, norm_p: float, **_: float) -> Tensor:
+    # sign(c)|c|^(p-1) / ||c||_p^(p-1), scaled by max|c| first so that the powers cannot overflow
+    scaled = c.div_(c.abs().amax().clamp_min_(torch.finfo(c.dtype).tiny))
+    norm = torch.linalg.vector_norm(scaled, ord=norm_p).clamp_min_(torch.finfo(c.dtype).tiny)
+    return scaled.abs().pow_(norm_p - 1).mul_(scaled.sign()).div_(norm.pow(norm_p - 1))
+
+
+def _nuclear(c: Tensor, **_: float) -> Tensor:
+    matrix = c.reshape(c.shape[0], -1) if c.dim() >= 2 else c.reshape(1, -1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    tol = s.amax() * max(matrix.shape) * torch.finfo(s.dtype).eps
+    return (u * (s > tol).to(u.dtype)) @ vh
+
+
+KAPPAS: dict[str, Callable[..., Tensor]] = {
+    "sign": lambda c, **_: c.sign_(),
+    "l2": _l2,
+    "lp": _lp,
+    "huber": lambda c, *, huber_delta, **_: c.div_(huber_delta).clamp_(-1, 1),
+    "quadratic": lambda c, **_: c,
+    "nuclear": _nuclear,
+}
+
+
+def lion_k_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    kappa: str = "sign",
+    norm_p: float = 2.0,
+    huber_delta: float = 1.0,
+) -> None:
+    """Functional Lion-𝒦 (``kappa="sign"`` is Lion): update ``params`` and ``states`` (``exp_avg``) in place."""
+    beta1, beta2 = betas
+    direction = KAPPAS[kappa]
+    for p, g, state in zip(params, grads, states):
+        if p.numel() == 0:
+            continue
+        m = state["exp_avg"]
+        p.mul_(1 - lr * weight_decay)
+        c = m.mul(beta1).add_(g, alpha=1 - beta1)
+        p.add_(direction(c, norm_p=norm_p, huber_delta=huber_delta).view_as(p), alpha=-lr)
+        m.mul_(beta2).add_(g, alpha=1 - beta2)
+
+
+class LionK(OptimlabOptimizer):
+    __doc__ = __doc__
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        kappa: str = "sign",
+        norm_p: float = 2.0,
+        huber_delta: float = 1.0,
+    ) -> None:
+        super().__init__(
+            params,
+            dict(lr=lr, betas=betas, weight_decay=weight_decay, kappa=kappa, norm_p=norm_p, huber_delta=huber_delta),
+        )
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        return {"exp_avg": self._zeros(p)}
+
+    def _update_group(self, group: dict[str, Any], params: list, grads: list, states: list) -> None:
+        lion_k_(
+            params,
+            grads,
+            states,
+            lr=as_float(group["lr"]),
+            betas=group["betas"],
+            weight_decay=group["weight_decay"],
+            kappa=group.get("kappa", "sign"),
+            norm_p=group.get("norm_p", 2.0),
+            huber_delta=group.get("huber_delta", 1.0),
+        )
+
+
+class Lion(LionK):
+    __doc__ = __doc__
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+    ) -> None:
+        OptimlabOptimizer.__init__(self, params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+
+_COMMON = {"lr": Interval(0.0), "betas": Each((_BETA, _BETA)), "weight_decay": Interval(0.0)}
+_LION_ADVICE = "Learning rate 3-10x lower and weight decay 3-10x higher than AdamW's (authors' advice)."
+
+register(
+    MethodInfo(
+        name="lion",
+        cls=Lion,
+        kind="optimizer",
+        paper="Symbolic Discovery of Optimization Algorithms",
+        arxiv="2302.06675",
+        code_url="https://github.com/google/automl/tree/master/lion",
+        summary="sign of an interpolated momentum with decoupled weight decay; one state buffer",
+        hyperparameters=_COMMON,
+        lr_range=(1e-5, 3e-3),
+        advice=_LION_ADVICE,
+    )
+)
+register(
+    MethodInfo(
+        name="lionk",
+        cls=LionK,
+        kind="optimizer",
+        paper="Lion Secretly Solves Constrained Optimization, As Lyapunov Predicts",
+        arxiv="2310.05898",
+        summary="Lion with sign replaced by the gradient of a convex 𝒦 (ℓ2, ℓp, Huber, quadratic, nuclear)",
+        hyperparameters={
+            **_COMMON,
+            "kappa": Choice(tuple(KAPPAS)),
+            "norm_p": Interval(1.0, low_closed=False),
+            "huber_delta": Interval(0.0, low_closed=False),
+        },
+        lr_range=(1e-5, 3e-3),
+        capabilities=Capabilities(global_state=True),
+        advice=_LION_ADVICE + " Norm-based κ move each tensor by lr in that norm, so retune lr per κ.",
+    )
+)

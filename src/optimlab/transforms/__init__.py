@@ -1,0 +1,1 @@
+"""Wrappers that transform gradients in front of any ``torch.optim.Optimizer``."""

@@ -1,0 +1,82 @@
+r"""⊥Grad (OrthoGrad): the gradient component orthogonal to the weights, in front of any optimizer.
+
+Paper: Prieto, Barsbey, Mediano, Birdal, "Grokking at the Edge of Numerical Stability", arXiv
+`2501.04697 <https://arxiv.org/abs/2501.04697>`_ (ICLR 2025), §5.1 Definition 7. Official code:
+https://github.com/LucasPrietoAl/grokking-at-the-edge-of-numerical-stability (``orthograd.py``).
+
+Per parameter tensor :math:`w` (flattened) with gradient :math:`g`:
+
+.. math::
+
+    g_\perp = g - \frac{\langle w, g\rangle}{\langle w, w\rangle + 10^{-30}}\, w,
+    \qquad
+    g_\perp \leftarrow g_\perp\,\frac{\lVert g\rVert}{\lVert g_\perp\rVert + 10^{-30}}
+    \quad\text{(only with ``rescale=True``)}
+
+and the inner optimizer steps with :math:`g_\perp` in place of :math:`g`. ``rescale=True`` (default) is the
+official code, which restores the gradient's norm; ``rescale=False`` is the paper's Definition 7 (projection
+only). :math:`w = 0` leaves the gradient unchanged. The projection is computed in float32 for 16-bit
+parameters. ``p.grad`` is restored after the step.
+
+Hyperparameters (defaults): ``rescale`` True.
+
+Coming from AdamW: wrap it, ``OrthoGrad(torch.optim.AdamW(...))``, with the inner optimizer's usual settings;
+the paper uses it to grok without weight decay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab._core.optimizer import state_dtype
+from optimlab._core.validation import Flag
+from optimlab._core.wrapper import OptimizerWrapper
+from optimlab.registry import MethodInfo, register
+
+__all__ = ["OrthoGrad", "orthogonalize"]
+
+_TINY = 1e-30
+
+
+def orthogonalize(params: list[Tensor], grads: list[Tensor], *, rescale: bool = True) -> list[Tensor]:
+    """New gradients orthogonal to their parameters (``grads`` are not modified)."""
+    out = []
+    for w, g in zip(params, grads):
+        if g.is_sparse or g.is_complex():
+            raise TypeError("OrthoGrad needs dense real gradients; sparse or complex gradients are not supported")
+        dtype = state_dtype(w)
+        w32, g32 = w.detach().reshape(-1).to(dtype), g.reshape(-1).to(dtype)
+        coef = torch.dot(w32, g32) / (torch.dot(w32, w32) + _TINY)
+        g_perp = g32 - coef * w32
+        if rescale:
+            g_perp.mul_(torch.linalg.vector_norm(g32) / (torch.linalg.vector_norm(g_perp) + _TINY))
+        out.append(g_perp.to(g.dtype).view_as(g))
+    return out
+
+
+class OrthoGrad(OptimizerWrapper):
+    __doc__ = __doc__
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rescale: bool = True) -> None:
+        super().__init__(optimizer, rescale=rescale)
+
+    def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        return orthogonalize(params, grads, rescale=self.options["rescale"])
+
+
+register(
+    MethodInfo(
+        name="orthograd",
+        cls=OrthoGrad,
+        kind="wrapper",
+        paper="Grokking at the Edge of Numerical Stability",
+        arxiv="2501.04697",
+        code_url="https://github.com/LucasPrietoAl/grokking-at-the-edge-of-numerical-stability",
+        summary="projects each gradient orthogonal to its weights before any optimizer's step",
+        hyperparameters={"rescale": Flag()},
+        advice="Keep the inner optimizer's AdamW settings; the paper pairs it with no weight decay.",
+    )
+)
