@@ -32,7 +32,8 @@ with decay :math:`\lambda`:
 
 Norm-based 𝒦 act per parameter tensor; ``"nuclear"`` views a tensor as the matrix ``(shape[0], -1)`` (a
 vector as one row), as Muon does, and keeps only directions with nonzero singular values; a zero ``c`` gives a
-zero step for every 𝒦. ``torch.sign(0) = 0``.
+zero step for every 𝒦. ``sign(0) = 0``; unlike ``torch.sign`` (and the official code), a NaN stays NaN, so a
+non-finite gradient shows in the parameters instead of silently freezing the coordinate.
 
 Hyperparameters (defaults): ``lr`` 1e-4, ``betas`` (0.9, 0.99), ``weight_decay`` 0.0; LionK adds
 ``kappa`` ``"sign"``, ``norm_p`` 2.0 (for ``"lp"``), ``huber_delta`` 1.0 (for ``"huber"``).
@@ -51,7 +52,7 @@ from torch import Tensor
 
 from optimlab._core.optimizer import OptimlabOptimizer, as_float
 from optimlab._core.validation import Choice, Each, Interval
-from optimlab.registry import Capabilities, MethodInfo, register
+from optimlab.registry import MethodInfo, register
 
 __all__ = ["Lion", "LionK", "lion_k_", "KAPPAS"]
 
@@ -71,13 +72,17 @@ def _lp(c: Tensor, *, norm_p: float, **_: float) -> Tensor:
 
 def _nuclear(c: Tensor, **_: float) -> Tensor:
     matrix = c.reshape(c.shape[0], -1) if c.dim() >= 2 else c.reshape(1, -1)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    # SVD refuses non-finite input; decompose a finite stand-in and let NaN propagate like every other κ
+    finite = torch.isfinite(matrix).all()
+    u, s, vh = torch.linalg.svd(torch.where(finite, matrix, 0.0), full_matrices=False)
     tol = s.amax() * max(matrix.shape) * torch.finfo(s.dtype).eps
-    return (u * (s > tol).to(u.dtype)) @ vh
+    polar = (u * (s > tol).to(u.dtype)) @ vh
+    return polar.mul_(torch.where(finite, 1.0, torch.nan))
 
 
 KAPPAS: dict[str, Callable[..., Tensor]] = {
-    "sign": lambda c, **_: c.sign_(),
+    # torch.sign(nan) is 0, which would freeze a coordinate silently behind a NaN momentum
+    "sign": lambda c, **_: torch.where(torch.isnan(c), c, torch.sign(c)),
     "l2": _l2,
     "lp": _lp,
     "huber": lambda c, *, huber_delta, **_: c.div_(huber_delta).clamp_(-1, 1),
@@ -191,7 +196,6 @@ register(
             "huber_delta": Interval(0.0, low_closed=False),
         },
         lr_range=(1e-5, 3e-3),
-        capabilities=Capabilities(global_state=True),
         advice=_LION_ADVICE + " Norm-based κ move each tensor by lr in that norm, so retune lr per κ.",
     )
 )

@@ -15,7 +15,9 @@ Per parameter tensor :math:`w` (flattened) with gradient :math:`g`:
 
 and the inner optimizer steps with :math:`g_\perp` in place of :math:`g`. ``rescale=True`` (default) is the
 official code, which restores the gradient's norm; ``rescale=False`` is the paper's Definition 7 (projection
-only). :math:`w = 0` leaves the gradient unchanged. The projection is computed in float32 for 16-bit
+only). :math:`w = 0` leaves the gradient unchanged. Where :math:`g` is parallel to :math:`w` up to rounding
+(:math:`\lVert g_\perp\rVert \le 4\epsilon_{mach}\sqrt{n}\,\lVert g\rVert`, always so for one-element tensors)
+:math:`g_\perp = 0`: the official code would rescale the rounding noise to :math:`\lVert g\rVert`. The projection is computed in float32 for 16-bit
 parameters. ``p.grad`` is restored after the step.
 
 Hyperparameters (defaults): ``rescale`` True.
@@ -26,6 +28,7 @@ the paper uses it to grok without weight decay.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -51,8 +54,13 @@ def orthogonalize(params: list[Tensor], grads: list[Tensor], *, rescale: bool = 
         w32, g32 = w.detach().reshape(-1).to(dtype), g.reshape(-1).to(dtype)
         coef = torch.dot(w32, g32) / (torch.dot(w32, w32) + _TINY)
         g_perp = g32 - coef * w32
+        g_norm, perp_norm = torch.linalg.vector_norm(g32), torch.linalg.vector_norm(g_perp)
+        # g parallel to w up to rounding (always so for one-element tensors): what is left is noise, which
+        # rescaling would blow up to the size of g in a random direction
+        noise = perp_norm <= 4 * torch.finfo(dtype).eps * math.sqrt(max(g32.numel(), 1)) * g_norm
+        g_perp = torch.where(noise, 0.0, g_perp)
         if rescale:
-            g_perp.mul_(torch.linalg.vector_norm(g32) / (torch.linalg.vector_norm(g_perp) + _TINY))
+            g_perp.mul_(g_norm / (perp_norm + _TINY))
         out.append(g_perp.to(g.dtype).view_as(g))
     return out
 
@@ -77,6 +85,10 @@ register(
         code_url="https://github.com/LucasPrietoAl/grokking-at-the-edge-of-numerical-stability",
         summary="projects each gradient orthogonal to its weights before any optimizer's step",
         hyperparameters={"rescale": Flag()},
+        exemptions={
+            "convergence": "⊥Grad moves orthogonally to the weights, so its fixed points are where the gradient is "
+            "parallel to w, not the unconstrained minimiser (paper Prop. 2 only promises descent)"
+        },
         advice="Keep the inner optimizer's AdamW settings; the paper pairs it with no weight decay.",
     )
 )

@@ -1,0 +1,30 @@
+"""Counts the battery's checks per registry entry and prints them at the end of the run."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+
+import optimlab
+
+_COUNTS: dict[str, Counter] = {}
+# a test id names its entry as "name[variant]" (battery), "name.argument" (rules) or "name" alone
+_ENTRY = re.compile(r"[\[\-](" + "|".join(map(re.escape, optimlab.available())) + r")(?=[\[.\]])")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    match = _ENTRY.search(report.nodeid)
+    if match is None or (report.when != "call" and not report.skipped):
+        return
+    _COUNTS.setdefault(match.group(1), Counter())[report.outcome] += 1
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _COUNTS:
+        return
+    terminalreporter.section("conformance checks per registry entry")
+    for entry in sorted(_COUNTS):
+        counts = _COUNTS[entry]
+        terminalreporter.write_line(f"{entry:12s} " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))

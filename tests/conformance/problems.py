@@ -1,0 +1,64 @@
+"""Small deterministic problems the battery trains on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+SHAPES: tuple[tuple[int, ...], ...] = ((4, 3), (5,), (1,))
+
+
+def make_params(shapes: Sequence[tuple[int, ...]] = SHAPES, dtype=torch.float64, seed: int = 0) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in shapes]
+
+
+def clone_params(params: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+class SeparableQuadratic:
+    """loss = Σ_i ½ Σ a_i ⊙ (p_i − b_i)²: each tensor's gradient depends on that tensor alone."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]] = SHAPES, seed: int = 1) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.a = [torch.rand(s, generator=gen, dtype=torch.float64) * 4 + 0.5 for s in shapes]
+        self.b = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+
+    def loss(self, params: Sequence[Tensor]) -> Tensor:
+        return sum(
+            (0.5 * a.to(p.dtype) * (p - b.to(p.dtype)) ** 2).sum() for p, a, b in zip(params, self.a, self.b)
+        )
+
+    def closure(self, opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> Callable[[], Tensor]:
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = self.loss(params)
+            loss.backward()
+            return loss
+
+        return closure
+
+
+def train(
+    opt: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    problem: SeparableQuadratic,
+    steps: int,
+    *,
+    skip: Callable[[int, int], bool] = lambda step, i: False,
+    set_to_none: bool = True,
+) -> None:
+    """``steps`` steps with autograd gradients; ``skip(step, i)`` leaves parameter i without a gradient."""
+    for step in range(steps):
+        opt.zero_grad(set_to_none=set_to_none)
+        live = [(p, a, b) for i, (p, a, b) in enumerate(zip(params, problem.a, problem.b)) if not skip(step, i)]
+        if live:
+            sum((0.5 * a.to(p.dtype) * (p - b.to(p.dtype)) ** 2).sum() for p, a, b in live).backward()
+        opt.step()
+
+
+def rosenbrock(x: Tensor) -> Tensor:
+    return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
