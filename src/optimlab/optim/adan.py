@@ -32,6 +32,7 @@ Coming from AdamW: the authors' tip is a peak learning rate 5-10x AdamW's; their
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab._core.optimizer import OptimlabOptimizer, as_float
+from optimlab._core.optimizer import OptimlabOptimizer, as_float, state_dtype
 from optimlab._core.validation import Each, Flag, Interval
 from optimlab.registry import Capabilities, MethodInfo, register
 
@@ -137,9 +138,9 @@ class Adan(OptimlabOptimizer):
         self._grad_scale = None
         max_norm = self.defaults["max_grad_norm"]
         if max_norm > 0 and batches:
-            norms = [torch.linalg.vector_norm(g) for _, _, grads, _ in batches for g in grads]
-            device = norms[0].device
-            total = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
+            norms = [torch.linalg.vector_norm(g, dtype=state_dtype(g)) for _, _, grads, _ in batches for g in grads]
+            dtype = functools.reduce(torch.promote_types, (n.dtype for n in norms))
+            total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device, dtype) for n in norms]))
             self._grad_scale = (max_norm / (total + self.defaults["eps"])).clamp_(max=1.0)
         super()._apply(batches)
 
