@@ -18,7 +18,7 @@ import torch
 
 from optimlab._core.validation import Constraint
 
-__all__ = ["Capabilities", "MethodInfo", "register", "get", "available", "create", "REGISTRY"]
+__all__ = ["Capabilities", "MethodInfo", "register", "get", "available", "create", "markdown_table", "REGISTRY"]
 
 Kind = Literal["optimizer", "wrapper", "layer", "loss", "schedule", "solver"]
 KINDS: tuple[str, ...] = ("optimizer", "wrapper", "layer", "loss", "schedule", "solver")
@@ -143,3 +143,14 @@ def create(name: str, params: torch.nn.Module | Iterable[Any], **kwargs: Any) ->
     if info.kind != "optimizer":
         raise TypeError(f"{name!r} is a {info.kind}, not an optimizer; use optimlab.{info.cls.__name__} directly")
     return info.cls(params, **kwargs)
+
+
+def markdown_table() -> str:
+    """The README's table of methods, one row per registry entry."""
+    rows = ["| name | class | kind | paper | official code |", "|---|---|---|---|---|"]
+    for name in available():
+        info = _REGISTRY[name]
+        code = f"[code]({info.code_url})" if info.code_url else "none published"
+        paper = f"{info.paper} ([arXiv {info.arxiv}]({info.arxiv_url}))"
+        rows.append(f"| `{name}` | `{info.cls.__name__}` | {info.kind} | {paper} | {code} |")
+    return "\n".join(rows)

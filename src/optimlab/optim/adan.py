@@ -15,8 +15,10 @@ Update, per parameter tensor, with the betas as *decay rates* like torch's (the 
     n_t &= \beta_3 n_{t-1} + (1-\beta_3)\, (g_t + \beta_2 \Delta_t)^2 \\
     u_t &= \frac{m_t/(1-\beta_1^t) + \beta_2\, v_t/(1-\beta_2^t)}{\sqrt{n_t/(1-\beta_3^t)} + \epsilon} \\
     \theta_t &= \frac{\theta_{t-1} - \eta\, u_t}{1 + \eta\lambda}
-        \quad\text{(proximal decay, default)} \qquad
-    \theta_t = (1-\eta\lambda)\,\theta_{t-1} - \eta\, u_t \quad\text{(``no_prox=True``)}
+        \quad\text{(proximal decay, default)}
+
+With ``no_prox=True`` the decay is decoupled instead:
+:math:`\theta_t = (1-\eta\lambda)\,\theta_{t-1} - \eta\, u_t`.
 
 With ``max_grad_norm`` :math:`C > 0`, every gradient is first scaled by
 :math:`\min(1, C/(\lVert g\rVert + \epsilon))`, the norm taken over all parameters of all groups (as the
