@@ -1,4 +1,5 @@
-"""Counts the battery's checks per registry entry and prints them at the end of the run."""
+"""Counts the conformance checks per registry entry and prints them at the end of the run (the battery lives
+in tests/conformance; the hook is here so that the xdist controller loads it too)."""
 
 from __future__ import annotations
 
