@@ -1,0 +1,120 @@
+"""Running a suite: workers that claim trials from the store until the suite is finished.
+
+Any number of workers (``--jobs`` processes here, or processes on other machines sharing a database URL) run
+the same loop: read what is finished, compute what can run now (tuning first, then the chosen learning rate
+on more seeds), claim one trial, run it, record it. The store guarantees that no trial runs twice; a killed
+worker loses only the trial it was running, and rerunning the command resumes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from optimlab.bench.plan import Suite, pending, planned_count, score
+from optimlab.bench.records import TrialRecord, write_jsonl_atomic
+from optimlab.bench.runner import environment, run_trial
+from optimlab.bench.store import TrialStore
+from optimlab.bench.workloads import get_workload
+
+__all__ = ["run_worker", "run_suite", "export"]
+
+
+def export(store: TrialStore, out: Path) -> list[TrialRecord]:
+    """Rewrite ``out/results.jsonl`` from the store (atomically), in a stable order."""
+    records = sorted(store.records().values(), key=lambda r: (r.workload, r.optimizer, r.phase, r.seed, r.key))
+    write_jsonl_atomic(out / "results.jsonl", records)
+    return records
+
+
+def run_worker(
+    suite: Suite,
+    storage: str,
+    out: Path,
+    threads: int,
+    jobs: int,
+    on_finish: Callable[[TrialRecord], None] | None = None,
+    poll: float = 0.5,
+) -> None:
+    """Claim and run trials until the suite is finished."""
+    torch.set_num_threads(threads)
+    store = TrialStore(storage)
+    env = environment(threads, jobs)
+    while True:
+        ready, finished = pending(suite, store.records())
+        if finished:
+            return
+        running = store.running()
+        for spec in ready:
+            if spec.key in running:
+                continue
+            trial_id = store.claim(spec.key)
+            if trial_id is None:
+                continue
+            stop = store.keep_alive(trial_id)
+            try:
+                record = run_trial(get_workload(spec.workload), spec.optimizer, spec.hparams, spec.seed, phase=spec.phase, env=env)
+                store.finish(trial_id, record, score(record))
+            finally:
+                stop.set()
+            export(store, out)
+            if on_finish is not None:
+                on_finish(record)
+            break
+        else:
+            time.sleep(poll)  # every runnable trial is claimed by another worker: wait for results
+
+
+def _worker_process(suite: Suite, storage: str, out: Path, threads: int, jobs: int) -> None:
+    run_worker(suite, storage, out, threads, jobs)
+
+
+def run_suite(suite: Suite, storage: str, out: Path, *, jobs: int = 1, threads: int | None = None, progress: bool = True) -> list[TrialRecord]:
+    """Run the suite with ``jobs`` local worker processes (this one included); return every record."""
+    out.mkdir(parents=True, exist_ok=True)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    store = TrialStore(storage)
+    total = planned_count(suite)
+    bar = _progress(total, len(store.records()), enabled=progress)
+
+    def on_finish(record: TrialRecord) -> None:
+        bar.n = min(total, len(store.records()))
+        bar.write(_line(record))
+        bar.refresh()
+
+    helpers = [
+        multiprocessing.get_context("spawn").Process(target=_worker_process, args=(suite, storage, out, threads, jobs), daemon=True)
+        for _ in range(jobs - 1)
+    ]
+    for p in helpers:
+        p.start()
+    try:
+        run_worker(suite, storage, out, threads, jobs, on_finish)
+        for p in helpers:
+            p.join()
+    finally:
+        for p in helpers:
+            if p.is_alive():
+                p.terminate()
+        bar.close()
+    return export(store, out)
+
+
+def _line(r: TrialRecord) -> str:
+    reached = f"target at step {r.steps_to_target}" if r.steps_to_target else "target not reached"
+    final = f"{r.final_val:.4g}" if r.final_val is not None else "-"
+    return (
+        f"{r.workload:16s} {r.optimizer:24s} lr={r.hparams.get('lr', '-'):<8} seed={r.seed} {r.phase:5s} "
+        f"{r.status:8s} val {r.metric}={final:8s} {reached} ({r.seconds:.1f}s)"
+    )
+
+
+def _progress(total: int, done: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="trials", unit="trial", disable=not enabled, dynamic_ncols=True)

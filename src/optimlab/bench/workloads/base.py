@@ -1,0 +1,48 @@
+"""The workload contract: what a trial needs to train and evaluate one model on one data set.
+
+A ``Workload`` is a declaration (name, metric, target, budgets) plus ``build(seed) -> Task``. A ``Task`` holds
+the model and the data for one seed and answers two questions: the training loss of minibatch ``step`` (a
+scalar tensor with a graph; deterministic given the seed and the step) and the metrics of a split. Data sets are
+made locally or come from an installed package: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = ["Task", "Workload", "Split"]
+
+Split = str  # "val" or "test"
+
+
+class Task(Protocol):
+    model: torch.nn.Module
+
+    def train_loss(self, step: int) -> torch.Tensor:
+        """Loss of the minibatch for ``step`` (0-based), differentiable w.r.t. ``model``'s parameters."""
+
+    def evaluate(self, split: Split) -> dict[str, float]:
+        """Metrics on ``split`` ("val" or "test"): at least ``"loss"`` and the workload's ``metric``."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark problem. ``target`` is on the validation ``metric``; budgets bound every trial."""
+
+    name: str
+    description: str
+    metric: str  # a key of Task.evaluate(): "accuracy", "loss", ...
+    higher_is_better: bool
+    target: float
+    max_steps: int
+    max_seconds: float
+    eval_every: int
+    build: Callable[[int], Task]
+    quick: bool = True  # part of the --quick suite
+
+    def reached(self, value: float) -> bool:
+        return value >= self.target if self.higher_is_better else value <= self.target

@@ -1,0 +1,48 @@
+"""A supervised classification task on in-memory tensors (digits, MNIST-1D, modular addition).
+
+Training loss: mean cross-entropy of minibatch ``step`` (``EpochBatches``: shuffled epochs, a pure function of
+``(seed, step)``). Evaluation: the whole split in one vectorized forward pass under ``torch.no_grad``; it
+returns ``"loss"`` (mean cross-entropy) and ``"accuracy"``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from optimlab.bench.workloads._common import EpochBatches, evaluating
+
+__all__ = ["Arrays", "ClassificationTask"]
+
+Arrays = tuple[torch.Tensor, torch.Tensor]  # (inputs, integer labels)
+
+
+class ClassificationTask:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train: Arrays,
+        val: Arrays,
+        test: Arrays,
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.x, self.y = train
+        self.splits = {"val": val, "test": test}
+        self.batches = EpochBatches(len(self.y), batch_size, seed)
+
+    def train_loss(self, step: int) -> torch.Tensor:
+        idx = self.batches(step)
+        return F.cross_entropy(self.model(self.x[idx]), self.y[idx])
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        if split not in self.splits:
+            raise KeyError(f"unknown split {split!r}; expected one of {', '.join(self.splits)}")
+        x, y = self.splits[split]
+        with evaluating(self.model):
+            logits = self.model(x)
+        return {
+            "loss": F.cross_entropy(logits, y).item(),
+            "accuracy": (logits.argmax(-1) == y).double().mean().item(),
+        }
