@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=_positive, help="final seeds per (workload, optimizer)")
     bench.add_argument("--trials", type=_positive, help="tuning trials (learning rates) per (workload, optimizer)")
     bench.add_argument("--jobs", type=_positive, default=1, help="local worker processes (default 1)")
-    bench.add_argument("--threads", type=_positive, help="torch threads per worker (default: cores / jobs)")
+    bench.add_argument("--threads", type=_positive, help="torch threads per worker (default 1)")
     bench.add_argument("--storage", help="Optuna storage: a database URL shared by several machines "
                        "(default: a journal file in the output folder)")
     bench.add_argument("--claims", type=Path, help="claims file (default: the one shipped with optimlab)")

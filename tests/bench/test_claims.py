@@ -328,3 +328,11 @@ def test_doctored_candidate_numbers_flip_the_verdict() -> None:
     assert verdict(claim("better"), honest) is Verdict.HOLDS
     doctored = [replace(r, final_val=r.final_val - 0.05) if r.optimizer == "cand" else r for r in honest]
     assert verdict(claim("better"), doctored) is Verdict.FAILS
+
+
+def test_shipped_claims_judge_whole_runs_of_existing_workloads() -> None:
+    from optimlab.bench.workloads import WORKLOADS
+
+    for claim in load_claims(None):
+        assert claim.workload in WORKLOADS, claim.id
+        assert claim.budget == WORKLOADS[claim.workload].max_steps, f"{claim.id}: budget is not the workload's"

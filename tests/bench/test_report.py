@@ -102,13 +102,13 @@ def test_corrupt_and_truncated_lines_are_skipped_and_listed(report: ReportSummar
     assert all(w in markdown for w in skipped)
 
 
-def test_only_the_two_reports_are_left_in_the_folder(report: ReportSummary) -> None:
-    assert sorted(p.name for p in report.markdown.parent.iterdir()) == [
-        "claims.toml",
-        "report.html",
-        "report.md",
-        "results.jsonl",
-    ]
+def test_only_the_reports_and_their_figures_are_left_in_the_folder(report: ReportSummary) -> None:
+    folder = report.markdown.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["claims.toml", "figures", "report.html", "report.md", "results.jsonl"]
+    figures = sorted(p.name for p in (folder / "figures").iterdir())
+    assert figures and all(name.endswith(".png") for name in figures)  # no temporary files left behind
+    markdown = report.markdown.read_text(encoding="utf-8")
+    assert all(f"](figures/{name})" in markdown for name in figures)
 
 
 def test_html_is_self_contained_with_embedded_pngs(report: ReportSummary) -> None:

@@ -41,14 +41,14 @@ SUITES: dict[str, Suite] = {
         "quick",
         workloads=tuple(name for name, w in WORKLOADS.items() if w.quick),
         optimizers=("torch:AdamW", "adan", "exadam", "diffgrad", "lion"),
-        grid_points=4,
+        grid_points=6,
         seeds=3,
     ),
     "full": Suite(
         "full",
         workloads=tuple(WORKLOADS),
         optimizers=("torch:AdamW", "adan", "exadam", "diffgrad", "lion", "orthograd(torch:AdamW)"),
-        grid_points=6,
+        grid_points=8,
         seeds=3,
     ),
 }

@@ -30,6 +30,7 @@ import base64
 import html
 import io
 import math
+import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -380,9 +381,10 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(blocks: Iterable[Block]) -> str:
+def render_markdown(blocks: Iterable[Block], figure_files: Mapping[int, str] | None = None) -> str:
+    """Markdown of the blocks; ``figure_files`` maps an image block's position to the PNG file it was saved as."""
     out: list[str] = []
-    for block in blocks:
+    for position, block in enumerate(blocks):
         if isinstance(block, Heading):
             out.append(f"{'#' * block.level} {block.text}")
         elif isinstance(block, Text):
@@ -392,6 +394,8 @@ def render_markdown(blocks: Iterable[Block]) -> str:
         elif isinstance(block, Table):
             lines = [block.header, ["---"] * len(block.header), *block.rows]
             out.append("\n".join("| " + " | ".join(map(_md_cell, line)) + " |" for line in lines))
+        elif isinstance(block, Image) and figure_files and position in figure_files:
+            out.append(f"![{_md_cell(block.caption)}]({figure_files[position]})")
         elif isinstance(block, Image):
             out.append(f"*Figure: {block.caption} (embedded in report.html).*")
     return "\n\n".join(out) + "\n"
@@ -610,6 +614,18 @@ def _claims_section(results: Sequence[ClaimResult], claims_file: str, problem: s
 # ------------------------------------------------------------------------------------------------------- the report
 
 
+def _save_figures(blocks: Sequence[Block], folder: Path) -> dict[int, str]:
+    """Each figure as a PNG file (for report.md and for reuse), named after its position and caption."""
+    files = {}
+    for position, block in enumerate(blocks):
+        if isinstance(block, Image):
+            slug = re.sub(r"[^a-z0-9]+", "-", block.caption.lower()).strip("-")[:60]
+            name = f"{len(files) + 1:02d}-{slug}.png"
+            write_atomic(folder / name, lambda f, png=block.png: f.write(png), binary=True)
+            files[position] = f"{folder.name}/{name}"
+    return files
+
+
 def _claims(claims_path: Path | None) -> tuple[list[Claim], str | None]:
     """The claims to judge, or none and the reason when the file is malformed (the report is written anyway)."""
     try:
@@ -648,7 +664,8 @@ def write_report(out_dir: Path, claims_path: Path | None = None) -> ReportSummar
     blocks += _claims_section(results, str(claims_path or "the claims shipped in optimlab/bench/claims.toml"), problem)
 
     markdown, page = out_dir / "report.md", out_dir / "report.html"
-    write_atomic(markdown, lambda f: f.write(render_markdown(blocks)))
+    figure_files = _save_figures(blocks, out_dir / "figures")
+    write_atomic(markdown, lambda f: f.write(render_markdown(blocks, figure_files)))
     write_atomic(page, lambda f: f.write(render_html(blocks, f"optimlab bench report: {out_dir.name}")))
     return ReportSummary(
         markdown, page, len(records), tuple(warnings), tuple(workloads), tuple(optimizers), tuple(results), profiles

@@ -186,7 +186,7 @@ register(
             "no_prox": Flag(),
             "restart_every": Interval(0, integer=True),
         },
-        lr_range=(1e-4, 3e-1),
+        lr_range=(5e-4, 5e-1),
         capabilities=Capabilities(global_state=True),
         advice="Peak learning rate 5-10x AdamW's (authors' tip); weight decay 0.02 with the proximal form.",
     )

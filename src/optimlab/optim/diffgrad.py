@@ -128,7 +128,7 @@ register(
             "weight_decay": Interval(0.0),
             "friction": Choice(tuple(FRICTIONS)),
         },
-        lr_range=(1e-4, 3e-2),
+        lr_range=(1e-4, 1e-1),
         advice="Adam's learning rate; weight decay is L2 (coupled), so use a smaller value than AdamW's.",
     )
 )

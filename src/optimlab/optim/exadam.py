@@ -124,7 +124,7 @@ register(
             "weight_decay": Interval(0.0),
             "dynamic_lr": Flag(),
         },
-        lr_range=(1e-5, 1e-2),
+        lr_range=(1e-4, 1e-1),
         advice="Adam's learning-rate scale (author: 1e-3 vision, 3e-4 language); first steps are ~16x Adam's.",
     )
 )

@@ -177,7 +177,7 @@ register(
         code_url="https://github.com/google/automl/tree/master/lion",
         summary="sign of an interpolated momentum with decoupled weight decay; one state buffer",
         hyperparameters=_COMMON,
-        lr_range=(1e-5, 3e-3),
+        lr_range=(1e-5, 1e-2),
         advice=_LION_ADVICE,
     )
 )
@@ -195,7 +195,7 @@ register(
             "norm_p": Interval(1.0, low_closed=False),
             "huber_delta": Interval(0.0, low_closed=False),
         },
-        lr_range=(1e-5, 3e-3),
+        lr_range=(1e-5, 1e-2),
         advice=_LION_ADVICE + " Norm-based κ move each tensor by lr in that norm, so retune lr per κ.",
     )
 )

@@ -89,12 +89,13 @@ class CharLMTask:
 
 CHARLM = Workload(
     name="charlm",
-    description=f"character-level transformer LM (4x{WIDTH}, 0.21M parameters) on pydoc_data.topics, batch {BATCH}x{CONTEXT}",
+    description=f"character-level transformer LM ({LAYERS}x{WIDTH}, 0.22M parameters) on pydoc_data.topics, "
+    f"batch {BATCH}x{CONTEXT}",
     metric="loss",
     higher_is_better=False,
     target=1.7,
     max_steps=1500,
-    max_seconds=600.0,
+    max_seconds=900.0,
     eval_every=100,
     build=CharLMTask,
     quick=False,

@@ -13,8 +13,13 @@ output is computed in the block (``last_only``), which halves the step time.
 
 Measured with the classic recipe (torch AdamW, lr 1e-3, weight decay 1, betas (0.9, 0.98)), 1 thread, on this
 project's 2-core CPU: a step takes ~18 ms, a validation pass ~35 ms. Training accuracy reaches ~100% by step
-600-800 while validation accuracy is still below 2% (seed 0: 5% at step 1,000, 47% at 1,400); validation passes the 0.95 target at step 1,200-1,800 (seeds
-0-2), i.e. ~25-35 s, well inside the 5,000-step budget (~95 s per trial).
+600-800 while validation accuracy is still below 2% (seed 0: 5% at step 1,000, 47% at 1,400); validation passes the
+0.95 target at step 1,200-1,800 (seeds 0-2), i.e. ~25-35 s, well inside the 5,000-step budget (~95 s per trial on
+an idle machine). Under the bench runner's protocol (2% warm-up, cosine decay to 0 at ``max_steps``) the recipe
+reaches it at step 2,400 (seed 0). With AdamW's default hyperparameters (weight decay 0.01, betas (0.9, 0.999)) and
+only the lr tuned, it depends on the seed: lr 2.5e-2 reaches 0.95 at step 1,700 and 2,300 on seeds 0 and 1 and ends
+at 0.60 on seed 2, and lr 1.6e-3 and 6.3e-3 never generalize (validation accuracy stays below 1%); how much decay
+an optimizer applies is what this workload tests.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ MODADD_GROKKING = Workload(
     higher_is_better=True,
     target=0.95,
     max_steps=5000,
-    max_seconds=300.0,
+    max_seconds=600.0,
     eval_every=100,
     build=_build,
     quick=False,

@@ -1,0 +1,77 @@
+"""The ``optimlab`` command: clear errors for bad input, a finished report for good input."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimlab.bench.runner import resolve_optimizer, run_trial
+from optimlab.bench.workloads import get_workload
+from optimlab.cli import main
+
+
+class NotAnOptimizer:
+    pass
+
+
+class ExplodingSGD(torch.optim.SGD):
+    """Diverges on purpose: a huge step every time."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.mul_(1e30)
+        return loss
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optimizers", "adamm"], "unknown optimizer 'adamm'; choose one of adan"),
+        (["--optimizers", "torch:Nope"], "torch.optim has no optimizer class"),
+        (["--optimizers", "tests.bench.test_cli:NotAnOptimizer"], "is not a torch.optim.Optimizer subclass"),
+        (["--optimizers", "orthograd(adamm)"], "unknown optimizer 'adamm'"),
+        (["--optimizers", "adan(torch:AdamW)"], "unknown wrapper 'adan'"),
+        (["--workloads", "imagenet"], "unknown workload 'imagenet'"),
+    ],
+)
+def test_bad_input_is_a_clear_error(args, message, tmp_path: Path, capsys) -> None:
+    assert main(["bench", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_report_without_results_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.jsonl" in capsys.readouterr().err
+
+
+def test_a_diverging_optimizer_is_recorded_not_a_crash() -> None:
+    record = run_trial(get_workload("quadratic"), "tests.bench.test_cli:ExplodingSGD", {"lr": 0.1}, 0, phase="tune")
+    assert record.status == "diverged" and record.steps_to_target is None
+    assert not math.isfinite(record.curve["val_loss"][-1])
+
+
+def test_zero_learning_rate_never_reaches_a_target() -> None:
+    """Negative control: with lr = 0 nothing moves, so no target is reached."""
+    record = run_trial(get_workload("digits-mlp"), "torch:AdamW", {"lr": 0.0}, 0, phase="tune")
+    assert record.status == "ok" and record.steps_to_target is None
+    assert len(set(record.curve["val_metric"])) == 1
+
+
+def test_wrapper_specs_build_the_inner_optimizer() -> None:
+    opt = resolve_optimizer("orthograd(torch:AdamW)")([torch.nn.Parameter(torch.ones(2))], lr=1e-3)
+    assert isinstance(opt.optimizer, torch.optim.AdamW)
+
+
+def test_bench_end_to_end_writes_results_and_a_report(tmp_path: Path) -> None:
+    args = ["bench", "--out", str(tmp_path), "--workloads", "quadratic", "--optimizers", "torch:AdamW,lion"]
+    assert main([*args, "--trials", "2", "--seeds", "1", "--no-progress"]) == 0
+    assert (tmp_path / "report.html").stat().st_size > 0 and (tmp_path / "report.md").stat().st_size > 0
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2 * (2 + 1)
