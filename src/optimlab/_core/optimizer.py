@@ -1,8 +1,9 @@
 """The thin ``torch.optim.Optimizer`` base every optimlab optimizer shares.
 
-A subclass supplies two things: ``_init_state(p)`` (the per-parameter state, created on the first step a
-parameter has a gradient) and ``_update_group(group, params, grads, states)``, which calls the method's
-functional core. Everything around it is written here once:
+A subclass supplies two things: ``functional``, the method's functional core (called once per param group
+with the group's hyperparameters that it takes as keyword arguments), and ``_init_state(p)``, the
+per-parameter state created on the first step a parameter has a gradient. Everything around them is written
+here once:
 
 * hyperparameter validation from the registry's rules, for every param group;
 * gathering params that have gradients, and a clear ``TypeError`` for sparse or complex ones;
@@ -16,6 +17,8 @@ functional core. Everything around it is written here once:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,7 +30,7 @@ from optimlab._core.validation import check_hyperparameters
 if TYPE_CHECKING:
     from optimlab.registry import MethodInfo
 
-__all__ = ["OptimlabOptimizer", "state_dtype", "as_float", "LOW_PRECISION"]
+__all__ = ["LOW_PRECISION", "OptimlabOptimizer", "as_float", "evaluate_closure", "state_dtype"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _META_KEY = "optimlab"
@@ -43,11 +46,26 @@ def as_float(x: float | Tensor) -> float:
     return float(x) if isinstance(x, Tensor) else x
 
 
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """The loss from ``closure`` (re-evaluated with gradients enabled, as ``step`` runs under no_grad)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+@functools.cache
+def _keyword_names(core: Callable[..., None]) -> tuple[str, ...]:
+    return tuple(n for n, p in inspect.signature(core).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+
 class OptimlabOptimizer(torch.optim.Optimizer):
     """Base class; see the module docstring for the contract a subclass fills in."""
 
     info: ClassVar[MethodInfo]
     state_version: ClassVar[int] = 1
+    # the method's functional core, ``core(params, grads, states, **hyperparameters)``
+    functional: ClassVar[Callable[..., None]]
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._generator: torch.Generator | None = None
@@ -70,10 +88,7 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one update; ``closure`` re-evaluates the loss (with gradients enabled) and returns it."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         batches = [b for b in map(self._gather, self.param_groups) if b[1]]
         self._apply(batches)
         return loss
@@ -120,7 +135,13 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict]
     ) -> None:
-        raise NotImplementedError
+        type(self).functional(params, grads, states, **self._core_arguments(group))
+
+    def _core_arguments(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters that the functional core takes, the learning rate as a float."""
+        args = {name: group[name] for name in _keyword_names(type(self).functional) if name in group}
+        args["lr"] = as_float(group["lr"])
+        return args
 
     @staticmethod
     def _zeros(p: Tensor) -> Tensor:

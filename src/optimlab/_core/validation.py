@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Constraint", "Interval", "Choice", "Flag", "Each", "check_hyperparameters"]
+__all__ = ["DECAY_RATE", "NON_NEGATIVE", "Choice", "Constraint", "Each", "Flag", "Interval", "adam_family", "check_hyperparameters"]
 
 
 class Constraint:
@@ -122,3 +122,12 @@ def check_hyperparameters(rules: Mapping[str, Constraint], values: Mapping[str, 
     for name, rule in rules.items():
         if name in values:
             rule.check(name, values[name])
+
+
+NON_NEGATIVE = Interval(0.0)
+DECAY_RATE = Interval(0.0, 1.0, high_closed=False)  # the β of an exponential moving average
+
+
+def adam_family(betas: int) -> dict[str, Constraint]:
+    """The rules Adam-like methods share: ``lr``, ``eps``, ``weight_decay`` ≥ 0 and ``betas`` in [0, 1)."""
+    return {"lr": NON_NEGATIVE, "betas": Each((DECAY_RATE,) * betas), "eps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE}

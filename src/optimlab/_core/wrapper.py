@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from optimlab._core.optimizer import evaluate_closure
 from optimlab._core.validation import check_hyperparameters
 
 if TYPE_CHECKING:
@@ -102,10 +103,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Evaluate ``closure`` (if given), transform the gradients, step the inner optimizer, restore grads."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         saved: list[tuple[Tensor, Tensor]] = []
         try:
             for group in self.param_groups:

@@ -42,14 +42,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab._core.optimizer import OptimlabOptimizer, as_float, state_dtype
-from optimlab._core.validation import Each, Flag, Interval
+from optimlab._core.optimizer import OptimlabOptimizer, state_dtype
+from optimlab._core.validation import NON_NEGATIVE, Flag, Interval, adam_family
 from optimlab.registry import Capabilities, MethodInfo, register
 
 __all__ = ["Adan", "adan_"]
-
-_BETA = Interval(0.0, 1.0, high_closed=False)
-
 
 def adan_(
     params: list[Tensor],
@@ -102,6 +99,7 @@ def _reset(state: dict[str, Any]) -> None:
 
 class Adan(OptimlabOptimizer):
     __doc__ = __doc__
+    functional = staticmethod(adan_)
 
     def __init__(
         self,
@@ -146,19 +144,8 @@ class Adan(OptimlabOptimizer):
             self._grad_scale = (max_norm / (total + self.defaults["eps"])).clamp_(max=1.0)
         super()._apply(batches)
 
-    def _update_group(self, group: dict[str, Any], params: list, grads: list, states: list) -> None:
-        adan_(
-            params,
-            grads,
-            states,
-            lr=as_float(group["lr"]),
-            betas=group["betas"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            no_prox=group["no_prox"],
-            restart_every=group["restart_every"],
-            grad_scale=self._grad_scale,
-        )
+    def _core_arguments(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {**super()._core_arguments(group), "grad_scale": self._grad_scale}
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -178,11 +165,8 @@ register(
         code_url="https://github.com/sail-sg/Adan",
         summary="Adam-type method with Nesterov momentum estimated from gradient differences",
         hyperparameters={
-            "lr": Interval(0.0),
-            "betas": Each((_BETA, _BETA, _BETA)),
-            "eps": Interval(0.0),
-            "weight_decay": Interval(0.0),
-            "max_grad_norm": Interval(0.0),
+            **adam_family(betas=3),
+            "max_grad_norm": NON_NEGATIVE,
             "no_prox": Flag(),
             "restart_every": Interval(0, integer=True),
         },

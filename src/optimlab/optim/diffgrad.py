@@ -35,13 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab._core.optimizer import OptimlabOptimizer, as_float
-from optimlab._core.validation import Choice, Each, Interval
+from optimlab._core.optimizer import OptimlabOptimizer
+from optimlab._core.validation import Choice, adam_family
 from optimlab.registry import MethodInfo, register
 
 __all__ = ["DiffGrad", "diffgrad_", "FRICTIONS"]
 
-_BETA = Interval(0.0, 1.0, high_closed=False)
 
 FRICTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "abs": lambda prev, g: torch.sub(prev, g).abs_().sigmoid_(),
@@ -82,6 +81,7 @@ def diffgrad_(
 
 class DiffGrad(OptimlabOptimizer):
     __doc__ = __doc__
+    functional = staticmethod(diffgrad_)
 
     def __init__(
         self,
@@ -99,17 +99,6 @@ class DiffGrad(OptimlabOptimizer):
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"step": 0, "exp_avg": self._zeros(p), "exp_avg_sq": self._zeros(p), "prev_grad": self._zeros(p)}
 
-    def _update_group(self, group: dict[str, Any], params: list, grads: list, states: list) -> None:
-        diffgrad_(
-            params,
-            grads,
-            states,
-            lr=as_float(group["lr"]),
-            betas=group["betas"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            friction=group["friction"],
-        )
 
 
 register(
@@ -122,10 +111,7 @@ register(
         code_url="https://github.com/shivram1987/diffGrad",
         summary="Adam with a per-coordinate friction from the change of the gradient",
         hyperparameters={
-            "lr": Interval(0.0),
-            "betas": Each((_BETA, _BETA)),
-            "eps": Interval(0.0),
-            "weight_decay": Interval(0.0),
+            **adam_family(betas=2),
             "friction": Choice(tuple(FRICTIONS)),
         },
         lr_range=(1e-4, 1e-1),

@@ -36,14 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab._core.optimizer import OptimlabOptimizer, as_float
-from optimlab._core.validation import Each, Flag, Interval
+from optimlab._core.optimizer import OptimlabOptimizer
+from optimlab._core.validation import Flag, adam_family
 from optimlab.registry import MethodInfo, register
 
 __all__ = ["EXAdam", "exadam_"]
-
-_BETA = Interval(0.0, 1.0, high_closed=False)
-
 
 def exadam_(
     params: list[Tensor],
@@ -78,6 +75,7 @@ def exadam_(
 
 class EXAdam(OptimlabOptimizer):
     __doc__ = __doc__
+    functional = staticmethod(exadam_)
 
     def __init__(
         self,
@@ -95,17 +93,6 @@ class EXAdam(OptimlabOptimizer):
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"step": 0, "exp_avg": self._zeros(p), "exp_avg_sq": self._zeros(p)}
 
-    def _update_group(self, group: dict[str, Any], params: list, grads: list, states: list) -> None:
-        exadam_(
-            params,
-            grads,
-            states,
-            lr=as_float(group["lr"]),
-            betas=group["betas"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            dynamic_lr=group["dynamic_lr"],
-        )
 
 
 register(
@@ -118,10 +105,7 @@ register(
         code_url="https://github.com/AhmedMostafa16/EXAdam",
         summary="Adam with cross-moment debiasing and a gradient-acceleration term",
         hyperparameters={
-            "lr": Interval(0.0),
-            "betas": Each((_BETA, _BETA)),
-            "eps": Interval(0.0),
-            "weight_decay": Interval(0.0),
+            **adam_family(betas=2),
             "dynamic_lr": Flag(),
         },
         lr_range=(1e-4, 1e-1),

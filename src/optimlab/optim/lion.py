@@ -50,8 +50,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab._core.optimizer import OptimlabOptimizer, as_float
-from optimlab._core.validation import Choice, Each, Interval
+from optimlab._core.optimizer import OptimlabOptimizer
+from optimlab._core.validation import NON_NEGATIVE, Choice, Each, Interval
 from optimlab.registry import MethodInfo, register
 
 __all__ = ["Lion", "LionK", "lion_k_", "KAPPAS"]
@@ -118,6 +118,7 @@ def lion_k_(
 
 class LionK(OptimlabOptimizer):
     __doc__ = __doc__
+    functional = staticmethod(lion_k_)
 
     def __init__(
         self,
@@ -137,18 +138,6 @@ class LionK(OptimlabOptimizer):
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"exp_avg": self._zeros(p)}
 
-    def _update_group(self, group: dict[str, Any], params: list, grads: list, states: list) -> None:
-        lion_k_(
-            params,
-            grads,
-            states,
-            lr=as_float(group["lr"]),
-            betas=group["betas"],
-            weight_decay=group["weight_decay"],
-            kappa=group.get("kappa", "sign"),
-            norm_p=group.get("norm_p", 2.0),
-            huber_delta=group.get("huber_delta", 1.0),
-        )
 
 
 class Lion(LionK):
@@ -161,10 +150,10 @@ class Lion(LionK):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
     ) -> None:
-        OptimlabOptimizer.__init__(self, params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
-_COMMON = {"lr": Interval(0.0), "betas": Each((_BETA, _BETA)), "weight_decay": Interval(0.0)}
+_COMMON = {"lr": NON_NEGATIVE, "betas": Each((_BETA, _BETA)), "weight_decay": NON_NEGATIVE}
 _LION_ADVICE = "Learning rate 3-10x lower and weight decay 3-10x higher than AdamW's (authors' advice)."
 
 register(

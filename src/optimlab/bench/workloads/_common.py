@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["EpochBatches", "cache_dir", "derive_seed", "evaluating", "generator", "save_atomic", "seeded_init"]
+__all__ = ["EpochBatches", "cache_dir", "derive_seed", "evaluating", "generator", "seeded_init"]
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -78,19 +77,3 @@ class EpochBatches:
 def cache_dir() -> Path:
     """Where generated data sets are kept: ``$OPTIMLAB_CACHE``, else ``~/.cache/optimlab``."""
     return Path(os.environ.get("OPTIMLAB_CACHE") or Path.home() / ".cache" / "optimlab")
-
-
-def save_atomic(path: Path, obj: dict) -> None:
-    """``torch.save(obj)`` to ``path`` through a temporary file and a rename: readers never see half a file, and
-    concurrent writers of the same (deterministic) content are harmless. Read it with ``weights_only=True``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

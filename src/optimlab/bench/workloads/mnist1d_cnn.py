@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from optimlab.bench.workloads._common import cache_dir, save_atomic, seeded_init
+from optimlab.bench._files import write_atomic
+from optimlab.bench.workloads._common import cache_dir, seeded_init
 from optimlab.bench.workloads.base import Workload
 from optimlab.bench.workloads.classification import Arrays, ClassificationTask
 
@@ -88,7 +89,7 @@ def mnist1d_arrays() -> dict[str, object]:
             problem = f"{type(err).__name__}: {err}"
         warnings.warn(f"regenerating MNIST-1D: could not use {path} ({problem})", stacklevel=2)
     arrays = _generate()
-    save_atomic(path, arrays)
+    write_atomic(path, lambda f: torch.save(arrays, f), binary=True)
     return arrays
 
 
