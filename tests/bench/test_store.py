@@ -102,3 +102,13 @@ def test_finished_record_round_trips(tmp_path: Path) -> None:
     store.finish(store.claim(r.key), r, 1.0)
     again = TrialStore(str(tmp_path / "study.journal")).records()[r.key]
     assert again.seed == 4 and again.curve["step"] == [1, 2] and json.dumps(again.curve)  # NaN survives
+
+
+def test_a_database_url_uses_optunas_rdb_storage(tmp_path: Path) -> None:
+    """The same claims and records through a database URL (SQLite here; PostgreSQL is the same code path)."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    store = TrialStore(url)
+    first = store.claim("k")
+    assert first is not None and store.claim("k") is None
+    store.finish(first, record(), 0.0)
+    assert list(TrialStore(url).records()) == [record().key]
