@@ -59,6 +59,12 @@ __all__ = ["Lion", "LionK", "lion_k_", "KAPPAS"]
 _BETA = Interval(0.0, 1.0)
 
 
+def _sign(c: Tensor) -> Tensor:
+    # torch.sign(nan) is 0, which would freeze a coordinate silently behind a NaN momentum
+    nan = torch.isnan(c)
+    return c.sign_().masked_fill_(nan, torch.nan)
+
+
 def _l2(c: Tensor, **_: float) -> Tensor:
     return c.div_(torch.linalg.vector_norm(c).clamp_min_(torch.finfo(c.dtype).tiny))
 
@@ -81,8 +87,7 @@ def _nuclear(c: Tensor, **_: float) -> Tensor:
 
 
 KAPPAS: dict[str, Callable[..., Tensor]] = {
-    # torch.sign(nan) is 0, which would freeze a coordinate silently behind a NaN momentum
-    "sign": lambda c, **_: torch.where(torch.isnan(c), c, torch.sign(c)),
+    "sign": lambda c, **_: _sign(c),
     "l2": _l2,
     "lp": _lp,
     "huber": lambda c, *, huber_delta, **_: c.div_(huber_delta).clamp_(-1, 1),

@@ -1,0 +1,338 @@
+"""Wall time of ``optimizer.step()`` for optimlab's optimizers, torch's AdamW and peer implementations.
+
+Two parameter sets: ``large``, a 42.1M-parameter GPT-shaped list of float32 tensors (memory-bandwidth bound),
+and ``small``, 108k parameters in 100 tensors (per-tensor Python overhead bound). Gradients are random and set
+before every timed step, outside the timer, so peers that modify ``p.grad`` see the same input every step.
+Contenders run in shuffled order in every round; each block builds a fresh optimizer, takes warm-up steps
+(which create the state) and then times single steps. See ``benchmarks/README.md``.
+
+    python benchmarks/step_time.py                 # full run, results in benchmarks/results/
+    python benchmarks/step_time.py --quick         # smoke run (< 1 min)
+    python benchmarks/step_time.py --only lion,adamw
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import optimlab
+from optimlab.bench._files import write_atomic
+
+WEIGHT_DECAY = 1e-2  # every contender decays (cost depends only on decay being on), all else at defaults
+BASELINE, FUSED = "torch.AdamW(foreach)", "torch.AdamW(fused)"
+PEER_PACKAGES = ("pytorch_optimizer", "torch_optimizer", "adan_pytorch", "lion_pytorch")
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    algorithm: str  # contenders of one algorithm are compared with each other
+    source: str  # "torch", "optimlab" or the peer's package
+    factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    inner: str | None = None  # for a wrapper: the contender it wraps (its overhead is measured against it)
+
+
+def _adamw(params: list[torch.Tensor], **kw: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, weight_decay=WEIGHT_DECAY, **kw)
+
+
+def _peer(path: str, params: list[torch.Tensor], wrapper: bool = False, **kw: bool) -> torch.optim.Optimizer:
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(_adamw(params, foreach=True), **kw) if wrapper else cls(params, weight_decay=WEIGHT_DECAY, **kw)
+
+
+def contenders() -> list[Contender]:
+    rows = [
+        Contender(BASELINE, "adamw", "torch", partial(_adamw, foreach=True)),
+        Contender(FUSED, "adamw", "torch", partial(_adamw, fused=True)),
+        Contender("torch.AdamW(for-loop)", "adamw", "torch", partial(_adamw, foreach=False)),
+    ]
+    # every optimizer and wrapper in optimlab's registry (wrappers around torch's foreach AdamW)
+    special = {"lionk": ("(sign)", "lion", {"kappa": "sign"})}
+    for name in optimlab.available("optimizer"):
+        suffix, algorithm, kw = special.get(name, ("", name, {}))
+        label = f"optimlab.{optimlab.get(name).cls.__name__}{suffix}"
+        make = partial(optimlab.create, name, weight_decay=WEIGHT_DECAY, **kw)
+        rows.append(Contender(label, algorithm, "optimlab", make))
+    for name in optimlab.available("wrapper"):
+        make = partial(optimlab.create, name, inner="adamw", foreach=True, weight_decay=WEIGHT_DECAY)
+        label = f"optimlab.{optimlab.get(name).cls.__name__}(AdamW)"
+        rows.append(Contender(label, f"{name}+adamw", "optimlab", make, inner=BASELINE))
+    # peers, at their defaults (pytorch_optimizer's foreach=None means foreach on CPU for Adan, DiffGrad and Lion,
+    # per-tensor for EXAdam and OrthoGrad, so those two also run with foreach=True)
+    peers = [  # (label, class, algorithm, keyword arguments)
+        ("pytorch_optimizer.Adan", "pytorch_optimizer.Adan", "adan", {}),
+        ("adan_pytorch.Adan", "adan_pytorch.Adan", "adan", {}),
+        ("pytorch_optimizer.EXAdam", "pytorch_optimizer.EXAdam", "exadam", {}),
+        ("pytorch_optimizer.EXAdam(foreach)", "pytorch_optimizer.EXAdam", "exadam", {"foreach": True}),
+        ("torch_optimizer.DiffGrad", "torch_optimizer.DiffGrad", "diffgrad", {}),
+        ("pytorch_optimizer.DiffGrad", "pytorch_optimizer.DiffGrad", "diffgrad", {}),
+        ("lion_pytorch.Lion", "lion_pytorch.Lion", "lion", {}),
+        ("pytorch_optimizer.Lion", "pytorch_optimizer.Lion", "lion", {}),
+    ]
+    for label, path, algorithm, kw in peers:
+        rows.append(Contender(label, algorithm, path.split(".")[0], partial(_peer, path, **kw)))
+    for suffix, kw in [("", {}), (", foreach", {"foreach": True})]:
+        label = f"pytorch_optimizer.OrthoGrad(AdamW{suffix})"
+        make = partial(_peer, "pytorch_optimizer.OrthoGrad", wrapper=True, **kw)
+        rows.append(Contender(label, "orthograd+adamw", "pytorch_optimizer", make, inner=BASELINE))
+    return rows
+
+
+# -- parameter sets ----------------------------------------------------------------------------------------
+def transformer_shapes(vocab: int, ctx: int, d: int, layers: int) -> list[tuple[int, ...]]:
+    """Token and position embeddings, pre-LN blocks (fused QKV, 4x MLP, biases), final LN; tied LM head."""
+    block = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return [(vocab, d), (ctx, d)] + block * layers + [(d,), (d,)]
+
+
+SETS = {  # name: (shapes, rounds, warm-up steps, timed steps per block)
+    "small": (transformer_shapes(128, 64, 32, 8), 10, 3, 30),
+    "large": (transformer_shapes(32000, 1024, 512, 8), 6, 2, 3),
+}
+QUICK_SETS = {
+    "small": (transformer_shapes(128, 64, 32, 8), 2, 2, 5),
+    "large-reduced": (transformer_shapes(8000, 256, 256, 4), 2, 1, 2),
+}
+
+
+# -- measurement -------------------------------------------------------------------------------------------
+MAX_OTHERS = 0.2  # a block during which other processes used more CPU cores than this on average is "busy"
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy ticks of all CPUs, ticks of this process), or None where /proc is missing."""
+    try:
+        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        own = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return sum(cpu) - cpu[3] - cpu[4], int(own[11]) + int(own[12])  # minus idle and iowait; utime + stime
+
+
+@torch.no_grad()
+def run_block(c: Contender, params: list, p0: list, grads: list, g0: list, warmup: int, steps: int) -> dict:
+    """Fresh optimizer from the same parameters; ``warmup`` untimed steps, then ``steps`` timed ones."""
+
+    def reset_grads() -> None:
+        for p, g, g_saved in zip(params, grads, g0):
+            g.copy_(g_saved)
+            p.grad = g
+
+    for p, p_saved in zip(params, p0):
+        p.copy_(p_saved)
+    reset_grads()
+    ticks0, wall0 = cpu_ticks(), time.perf_counter()
+    opt, mutated = c.factory(params), False
+    for _ in range(warmup):
+        opt.step()
+        mutated |= any(p.grad is not g or not torch.equal(g, g_saved) for p, g, g_saved in zip(params, grads, g0))
+        reset_grads()
+    state_bytes = sum(
+        v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+    )
+    times = []
+    gc.disable()
+    try:
+        for _ in range(steps):
+            reset_grads()
+            t0 = time.perf_counter_ns()
+            opt.step()
+            times.append((time.perf_counter_ns() - t0) / 1e6)
+    finally:
+        gc.enable()
+    ticks1, wall1 = cpu_ticks(), time.perf_counter()
+    others = None  # other processes' CPU use during the block, in cores
+    if ticks0 and ticks1:
+        others = ((ticks1[0] - ticks0[0]) - (ticks1[1] - ticks0[1])) / os.sysconf("SC_CLK_TCK") / (wall1 - wall0)
+    return {"times_ms": times, "others_cores": others, "state_bytes": state_bytes, "mutates_grad": mutated}
+
+
+def run_set(shapes: list, rounds: int, warmup: int, steps: int, rows: list[Contender], rng: random.Random) -> dict:
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    p0 = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    g0 = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    params = [torch.nn.Parameter(p.clone()) for p in p0]
+    grads = [g.clone() for g in g0]
+    n = sum(p.numel() for p in p0)
+    out = {c.name: {"algorithm": c.algorithm, "source": c.source, "inner": c.inner, "blocks": []} for c in rows}
+    for r in range(rounds):
+        order = [c for c in rows if "error" not in out[c.name]]
+        rng.shuffle(order)
+        for c in order:
+            print(f"  round {r + 1}/{rounds}: {c.name}", file=sys.stderr, flush=True)
+            try:
+                block = run_block(c, params, p0, grads, g0, warmup, steps)
+            except Exception as e:  # a contender that cannot run here (e.g. a missing package) is reported
+                out[c.name]["error"] = f"{type(e).__name__}: {e}"
+                continue
+            finally:
+                gc.collect()  # frees the optimizer (and its state) of this block
+            out[c.name]["blocks"].append({k: block.pop(k) for k in ("times_ms", "others_cores")})
+            out[c.name].update(block, state_bytes_per_param=block["state_bytes"] / n)
+    for res in out.values():
+        quiet = [b for b in res["blocks"] if b["others_cores"] is None or b["others_cores"] <= MAX_OTHERS]
+        t = [x for b in quiet or res["blocks"] for x in b["times_ms"]]  # busy blocks count only if all are
+        if t:
+            q1, med, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (t[0],) * 3
+            res.update(median_ms=med, q1_ms=q1, q3_ms=q3, quiet_blocks=len(quiet))
+    params_info = {"n_params": n, "n_tensors": len(shapes), "shapes": shapes}
+    return {**params_info, "rounds": rounds, "warmup": warmup, "steps": steps, "contenders": out}
+
+
+# -- report ------------------------------------------------------------------------------------------------
+def add_ratios(result: dict) -> None:
+    res = result["contenders"]
+    med = {k: v.get("median_ms") for k, v in res.items()}
+    for v in res.values():
+        if v.get("median_ms") is None:
+            continue
+        peers = [
+            w["median_ms"]
+            for w in res.values()
+            if w["algorithm"] == v["algorithm"] and w["source"] != "optimlab" and w.get("median_ms")
+        ]
+        v["x_adamw_foreach"] = v["median_ms"] / med[BASELINE] if med.get(BASELINE) else None
+        v["x_adamw_fused"] = v["median_ms"] / med[FUSED] if med.get(FUSED) else None
+        v["x_fastest_peer"] = v["median_ms"] / min(peers) if peers else None
+        if v["inner"] and med.get(v["inner"]):
+            v["overhead_ms"] = v["median_ms"] - med[v["inner"]]
+            v["overhead_ratio"] = v["overhead_ms"] / med[v["inner"]]
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def markdown(data: dict) -> str:
+    m = data["machine"]
+    lines = [
+        f"# optimizer.step() time — {m['date']}",
+        "",
+        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, optimlab {m['optimlab']} ({m['git']}). "
+        f"1-min load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. "
+        f"Median over the timed steps of the quiet blocks (other processes used <= {MAX_OTHERS} cores; all blocks "
+        f"if none was quiet); ratios are of medians. Weight decay {WEIGHT_DECAY} everywhere.",
+    ]
+    for set_name, result in data["sets"].items():
+        res = result["contenders"]
+        lines += [
+            "",
+            f"## {set_name}: {result['n_params']:,} parameters in {result['n_tensors']} float32 tensors "
+            f"({result['rounds']} rounds × {result['steps']} timed steps after {result['warmup']} warm-up)",
+            "",
+            "| contender | algorithm | ms/step | p25–p75 | × AdamW foreach | × AdamW fused | × fastest peer "
+            "| state B/param | mutates grad | quiet blocks |",
+            "|---|---|--:|--:|--:|--:|--:|--:|:-:|--:|",
+        ]
+        groups = list(dict.fromkeys(v["algorithm"] for v in res.values()))
+        for name, v in sorted(
+            res.items(), key=lambda kv: (groups.index(kv[1]["algorithm"]), kv[1].get("median_ms", float("inf")))
+        ):
+            if "median_ms" not in v:
+                lines.append(f"| {name} | {v['algorithm']} | failed: {v.get('error', 'not run')} ||||||||")
+                continue
+            lines.append(
+                f"| {name} | {v['algorithm']} | {v['median_ms']:.3f} | {v['q1_ms']:.3f}–{v['q3_ms']:.3f} "
+                f"| {_f(v['x_adamw_foreach'], '.2f')} | {_f(v['x_adamw_fused'], '.2f')} "
+                f"| {_f(v['x_fastest_peer'], '.2f')} | {v['state_bytes_per_param']:.1f} "
+                f"| {'yes' if v['mutates_grad'] else 'no'} | {v['quiet_blocks']}/{len(v['blocks'])} |"
+            )
+        wrappers = {k: v for k, v in res.items() if "overhead_ms" in v}
+        if wrappers:
+            lines += [
+                "",
+                "Wrapper overhead (wrapper step minus the step of the optimizer it wraps):",
+                "",
+                "| wrapper | inner | wrapper ms | inner ms | overhead ms | overhead / inner step |",
+                "|---|---|--:|--:|--:|--:|",
+            ]
+            for name, v in sorted(wrappers.items(), key=lambda kv: kv[1]["overhead_ms"]):
+                lines.append(
+                    f"| {name} | {v['inner']} | {v['median_ms']:.3f} | {res[v['inner']]['median_ms']:.3f} "
+                    f"| {v['overhead_ms']:.3f} | {v['overhead_ratio']:+.1%} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def machine_info(threads: int) -> dict:
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((x.split(":", 1)[1].strip() for x in info if x.startswith("model name")), platform.processor())
+    try:
+        root = Path(__file__).resolve().parents[1]
+        git = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        git = "unknown"
+    versions = {}
+    for pkg in PEER_PACKAGES:
+        try:
+            versions[pkg] = importlib.metadata.version(pkg.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "optimlab": optimlab.__version__,
+        "git": git,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "peers": versions,
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: few repeats, small and reduced large set")
+    ap.add_argument("--only", default="", help="comma-separated substrings of contender names (case-insensitive)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    rows = contenders()
+    if args.only:
+        keys = [k.strip().lower() for k in args.only.split(",") if k.strip()]
+        rows = [c for c in rows if any(k in c.name.lower() for k in keys)]
+    rng = random.Random(args.seed)
+    started = time.perf_counter()
+    data = {"machine": machine_info(args.threads), "args": {**vars(args), "out": str(args.out)}, "sets": {}}
+    for name, (shapes, rounds, warmup, steps) in (QUICK_SETS if args.quick else SETS).items():
+        print(f"{name}: {len(rows)} contenders", file=sys.stderr, flush=True)
+        data["sets"][name] = run_set(shapes, rounds, warmup, steps, rows, rng)
+        add_ratios(data["sets"][name])
+    data["runtime_s"], data["machine"]["loadavg_end"] = time.perf_counter() - started, os.getloadavg()
+    table = markdown(data)
+    write_atomic(args.out / "step_time.json", lambda f: f.write(json.dumps(data, indent=1) + "\n"))
+    write_atomic(args.out / "step_time.md", lambda f: f.write(table))
+    print(table)
+    print(f"runtime {data['runtime_s']:.0f} s; wrote {args.out / 'step_time.json'} and step_time.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
