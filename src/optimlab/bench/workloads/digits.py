@@ -64,26 +64,19 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-DIGITS_LOGREG = Workload(
-    name="digits-logreg",
-    description="multinomial logistic regression (convex) on scikit-learn's 8x8 digits, batch 64",
-    metric="accuracy",
-    higher_is_better=True,
-    target=0.96,
-    max_steps=1000,
-    max_seconds=30.0,
-    eval_every=25,
-    build=partial(_build, _logreg),
-)
+def _digits(name: str, model: str, target: float, make_model) -> Workload:
+    return Workload(
+        name=name,
+        description=f"{model} on scikit-learn's 8x8 digits, batch 64",
+        metric="accuracy",
+        higher_is_better=True,
+        target=target,
+        max_steps=1000,
+        max_seconds=30.0,
+        eval_every=25,
+        build=partial(_build, make_model),
+    )
 
-DIGITS_MLP = Workload(
-    name="digits-mlp",
-    description="64-128-10 ReLU MLP on scikit-learn's 8x8 digits, batch 64",
-    metric="accuracy",
-    higher_is_better=True,
-    target=0.965,
-    max_steps=1000,
-    max_seconds=30.0,
-    eval_every=25,
-    build=partial(_build, _mlp),
-)
+
+DIGITS_LOGREG = _digits("digits-logreg", "multinomial logistic regression (convex)", 0.96, _logreg)
+DIGITS_MLP = _digits("digits-mlp", "64-128-10 ReLU MLP", 0.965, _mlp)
