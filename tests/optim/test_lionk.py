@@ -99,3 +99,18 @@ def test_nan_momentum_does_not_freeze_silently() -> None:
     theta.grad = torch.tensor([float("nan"), 1.0, 1.0])
     opt.step()
     assert theta[0].isnan() and theta[1:].isfinite().all()
+
+
+@pytest.mark.parametrize("kappa", ["l2", "lp", "huber", "nuclear", "quadratic", "sign"])
+def test_zero_momentum_gives_a_zero_step(kappa: str) -> None:
+    theta = torch.nn.Parameter(torch.ones(4, 3))
+    opt = LionK([theta], lr=0.1, kappa=kappa, norm_p=3.0)
+    theta.grad = torch.zeros(4, 3)
+    opt.step()
+    assert torch.equal(theta.detach(), torch.ones(4, 3))
+
+
+def test_lion_refuses_lionk_options_in_its_groups() -> None:
+    for key, value in (("kappa", "l2"), ("norm_p", 3.0), ("huber_delta", 0.5)):
+        with pytest.raises(ValueError, match=f"Invalid {key}.*use LionK"):
+            Lion([{"params": [torch.nn.Parameter(torch.ones(2))], key: value}])

@@ -134,6 +134,14 @@ class Adan(OptimlabOptimizer):
             "prev_grad": self._zeros(p),
         }
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if param_group.get("max_grad_norm", self.defaults["max_grad_norm"]) != self.defaults["max_grad_norm"]:
+            raise ValueError(
+                f"Invalid max_grad_norm: {param_group['max_grad_norm']!r} in a param group; expected the "
+                "constructor's value (the clip is one norm over all groups: set it in the constructor)"
+            )
+        super().add_param_group(param_group)
+
     def _apply(self, batches: list) -> None:
         self._grad_scale = None
         max_norm = self.defaults["max_grad_norm"]

@@ -70,10 +70,12 @@ def _l2(c: Tensor, **_: float) -> Tensor:
 
 
 def _lp(c: Tensor, *, norm_p: float, **_: float) -> Tensor:
-    # sign(c)|c|^(p-1) / ||c||_p^(p-1), scaled by max|c| first so that the powers cannot overflow
-    scaled = c.div_(c.abs().amax().clamp_min_(torch.finfo(c.dtype).tiny))
-    norm = torch.linalg.vector_norm(scaled, ord=norm_p).clamp_min_(torch.finfo(c.dtype).tiny)
-    return scaled.abs().pow_(norm_p - 1).mul_(scaled.sign()).div_(norm.pow(norm_p - 1))
+    # sign(c)|c|^(p-1) / ||c||_p^(p-1), scaled by max|c| first so that the powers cannot overflow; the norm of a
+    # scaled nonzero c is >= 1, so the clamp acts only for c = 0 (a zero step, not 0/0)
+    tiny = torch.finfo(c.dtype).tiny
+    scaled = c.div_(c.abs().amax().clamp_min_(tiny))
+    norm = torch.linalg.vector_norm(scaled, ord=norm_p)
+    return scaled.abs().pow_(norm_p - 1).mul_(scaled.sign()).div_(norm.pow(norm_p - 1).clamp_min_(tiny))
 
 
 def _nuclear(c: Tensor, **_: float) -> Tensor:
@@ -156,6 +158,13 @@ class Lion(LionK):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in ("kappa", "norm_p", "huber_delta"):
+            if key in param_group:
+                raise ValueError(f"Invalid {key}: {param_group[key]!r}; expected none (Lion is LionK with "
+                                 "kappa='sign': use LionK for another κ)")
+        super().add_param_group(param_group)
 
 
 _COMMON = {"lr": NON_NEGATIVE, "betas": Each((_BETA, _BETA)), "weight_decay": NON_NEGATIVE}
