@@ -135,7 +135,7 @@ class Adan(OptimlabOptimizer):
         }
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if param_group.get("max_grad_norm", self.defaults["max_grad_norm"]) != self.defaults["max_grad_norm"]:
+        if "max_grad_norm" in param_group and param_group["max_grad_norm"] != self.defaults["max_grad_norm"]:
             raise ValueError(
                 f"Invalid max_grad_norm: {param_group['max_grad_norm']!r} in a param group; expected the "
                 "constructor's value (the clip is one norm over all groups: set it in the constructor)"
