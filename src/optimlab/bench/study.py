@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -24,9 +24,9 @@ from optimlab.bench.workloads import get_workload
 __all__ = ["run_worker", "run_suite", "export"]
 
 
-def export(store: TrialStore, out: Path) -> list[TrialRecord]:
-    """Rewrite ``out/results.jsonl`` from the store (atomically), in a stable order."""
-    records = sorted(store.records().values(), key=lambda r: (r.workload, r.optimizer, r.phase, r.seed, r.key))
+def export(done: Mapping[str, TrialRecord], out: Path) -> list[TrialRecord]:
+    """Rewrite ``out/results.jsonl`` from the store's finished records (atomically), in a stable order."""
+    records = sorted(done.values(), key=lambda r: (r.workload, r.optimizer, r.phase, r.seed, r.key))
     write_jsonl_atomic(out / "results.jsonl", records)
     return records
 
@@ -37,15 +37,16 @@ def run_worker(
     out: Path,
     threads: int,
     jobs: int,
-    on_finish: Callable[[TrialRecord], None] | None = None,
+    on_finish: Callable[[TrialRecord, int], None] | None = None,
     poll: float = 0.5,
 ) -> None:
-    """Claim and run trials until the suite is finished."""
+    """Claim and run trials until the suite is finished; ``on_finish(record, finished_count)`` after each."""
     torch.set_num_threads(threads)
     store = TrialStore(storage)
     env = environment(threads, jobs)
+    done = store.records()
     while True:
-        ready, finished = pending(suite, store.records())
+        ready, finished = pending(suite, done)
         if finished:
             return
         running = store.running()
@@ -61,16 +62,14 @@ def run_worker(
                 store.finish(trial_id, record, score(record))
             finally:
                 stop.set()
-            export(store, out)
+            done = store.records()
+            export(done, out)
             if on_finish is not None:
-                on_finish(record)
+                on_finish(record, len(done))
             break
         else:
             time.sleep(poll)  # every runnable trial is claimed by another worker: wait for results
-
-
-def _worker_process(suite: Suite, storage: str, out: Path, threads: int, jobs: int) -> None:
-    run_worker(suite, storage, out, threads, jobs)
+            done = store.records()
 
 
 def run_suite(suite: Suite, storage: str, out: Path, *, jobs: int = 1, threads: int | None = None, progress: bool = True) -> list[TrialRecord]:
@@ -81,13 +80,13 @@ def run_suite(suite: Suite, storage: str, out: Path, *, jobs: int = 1, threads: 
     total = planned_count(suite)
     bar = _progress(total, len(store.records()), enabled=progress)
 
-    def on_finish(record: TrialRecord) -> None:
-        bar.n = min(total, len(store.records()))
+    def on_finish(record: TrialRecord, finished: int) -> None:
+        bar.n = min(total, finished)
         bar.write(_line(record))
         bar.refresh()
 
     helpers = [
-        multiprocessing.get_context("spawn").Process(target=_worker_process, args=(suite, storage, out, threads, jobs), daemon=True)
+        multiprocessing.get_context("spawn").Process(target=run_worker, args=(suite, storage, out, threads, jobs), daemon=True)
         for _ in range(jobs - 1)
     ]
     for p in helpers:
@@ -101,7 +100,7 @@ def run_suite(suite: Suite, storage: str, out: Path, *, jobs: int = 1, threads: 
             if p.is_alive():
                 p.terminate()
         bar.close()
-    return export(store, out)
+    return export(store.records(), out)
 
 
 def _line(r: TrialRecord) -> str:
