@@ -33,8 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, help="output folder (default: bench-results/<suite>)")
     bench.add_argument("--seeds", type=_positive, help="final seeds per (workload, optimizer)")
     bench.add_argument("--trials", type=_positive, help="tuning trials (learning rates) per (workload, optimizer)")
+    bench.add_argument("--search", choices=("grid", "tpe"), help="how tuning picks learning rates: a log-spaced grid "
+                       "(default) or Optuna's TPE sampler")
     bench.add_argument("--jobs", type=_positive, default=1, help="local worker processes (default 1)")
-    bench.add_argument("--threads", type=_positive, help="torch threads per worker (default 1)")
+    bench.add_argument("--threads", type=_positive, help="torch threads per trial (default: the workload's, 1 or 2, "
+                       "at most cores / jobs)")
     bench.add_argument("--storage", help="Optuna storage: a database URL shared by several machines "
                        "(default: a journal file in the output folder)")
     bench.add_argument("--claims", type=Path, help="claims file (default: the one shipped with optimlab)")
@@ -64,7 +67,8 @@ def _bench(args: argparse.Namespace) -> int:
     from optimlab.bench.workloads import get_workload
 
     suite = SUITES[args.suite or "quick"].with_options(
-        optimizers=args.optimizers, workloads=args.workloads, seeds=args.seeds, grid_points=args.trials
+        optimizers=args.optimizers, workloads=args.workloads, seeds=args.seeds, tuning_trials=args.trials,
+        search=args.search,
     )
     for name in suite.workloads:
         get_workload(name)

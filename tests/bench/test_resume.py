@@ -18,7 +18,7 @@ from optimlab.bench.plan import SUITES, planned_count
 from optimlab.bench.records import read_jsonl
 from optimlab.bench.store import TrialStore
 
-SUITE = dict(workloads=("quadratic", "rosenbrock"), optimizers=("torch:AdamW", "lion"), grid_points=2, seeds=1)
+SUITE = dict(workloads=("quadratic", "rosenbrock"), optimizers=("torch:AdamW", "lion"), tuning_trials=2, seeds=1)
 RUN = (
     "import sys; from pathlib import Path; from optimlab.bench.plan import SUITES; "
     "from optimlab.bench.study import run_suite; "

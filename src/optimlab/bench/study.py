@@ -9,6 +9,7 @@ worker loses only the trial it was running, and rerunning the command resumes.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from optimlab.bench.plan import Suite, pending, planned_count, score
 from optimlab.bench.records import TrialRecord, write_jsonl_atomic
 from optimlab.bench.runner import environment, run_trial
 from optimlab.bench.store import TrialStore
-from optimlab.bench.workloads import get_workload
+from optimlab.bench.workloads import Workload, get_workload
 
 __all__ = ["run_worker", "run_suite", "export"]
 
@@ -31,20 +32,32 @@ def export(done: Mapping[str, TrialRecord], out: Path) -> list[TrialRecord]:
     return records
 
 
+def trial_threads(workload: Workload, threads: int | None, jobs: int) -> int:
+    """``threads`` if given, else the workload's own count, at most the cores each of ``jobs`` workers gets."""
+    return threads or max(1, min(workload.threads, (os.cpu_count() or 1) // jobs))
+
+
 def run_worker(
     suite: Suite,
     storage: str,
     out: Path,
-    threads: int,
+    threads: int | None,
     jobs: int,
-    on_finish: Callable[[TrialRecord, int], None] | None = None,
+    on_finish: Callable[[list[TrialRecord], int], None] | None = None,
     poll: float = 0.5,
 ) -> None:
-    """Claim and run trials until the suite is finished; ``on_finish(record, finished_count)`` after each."""
-    torch.set_num_threads(threads)
+    """Claim and run trials until the suite is finished. ``on_finish(new_records, finished_count)`` is called
+    whenever this worker sees trials finished (by it or by other workers) that it had not seen."""
     store = TrialStore(storage)
-    env = environment(threads, jobs)
     done = store.records()
+
+    def refresh() -> None:
+        nonlocal done
+        seen, done = done, store.records()
+        new = [r for key, r in done.items() if key not in seen]
+        if new and on_finish is not None:
+            on_finish(new, len(done))
+
     while True:
         ready, finished = pending(suite, done)
         if finished:
@@ -58,31 +71,33 @@ def run_worker(
                 continue
             stop = store.keep_alive(trial_id)
             try:
-                record = run_trial(get_workload(spec.workload), spec.optimizer, spec.hparams, spec.seed, phase=spec.phase, env=env)
+                workload = get_workload(spec.workload)
+                n = trial_threads(workload, threads, jobs)
+                torch.set_num_threads(n)
+                record = run_trial(workload, spec.optimizer, spec.hparams, spec.seed, phase=spec.phase, env=environment(n, jobs))
                 store.finish(trial_id, record, score(record))
             finally:
                 stop.set()
-            done = store.records()
+            refresh()
             export(done, out)
-            if on_finish is not None:
-                on_finish(record, len(done))
             break
         else:
             time.sleep(poll)  # every runnable trial is claimed by another worker: wait for results
-            done = store.records()
+            refresh()
 
 
 def run_suite(suite: Suite, storage: str, out: Path, *, jobs: int = 1, threads: int | None = None, progress: bool = True) -> list[TrialRecord]:
-    """Run the suite with ``jobs`` local worker processes (this one included); return every record."""
+    """Run the suite with ``jobs`` local worker processes (this one included); return every record. Each trial
+    runs with ``threads`` intra-op threads, by default its workload's count (see ``trial_threads``)."""
     out.mkdir(parents=True, exist_ok=True)
-    threads = threads or 1  # one thread per trial: timings comparable across jobs and far less noisy here
     store = TrialStore(storage)
     total = planned_count(suite)
     bar = _progress(total, len(store.records()), enabled=progress)
 
-    def on_finish(record: TrialRecord, finished: int) -> None:
+    def on_finish(records: list[TrialRecord], finished: int) -> None:
+        for record in records:
+            bar.write(_line(record))
         bar.n = min(total, finished)
-        bar.write(_line(record))
         bar.refresh()
 
     helpers = [

@@ -43,6 +43,7 @@ class Workload:
     eval_every: int
     build: Callable[[int], Task]
     quick: bool = True  # part of the --quick suite
+    threads: int = 1  # intra-op threads a trial runs with (its timings are taken at this fixed count)
 
     def reached(self, value: float) -> bool:
         return value >= self.target if self.higher_is_better else value <= self.target

@@ -1,0 +1,105 @@
+"""Planning a suite: which tuning trials each search asks for, that the k-th TPE suggestion depends only on the
+first k - 1 results (so resumed and shared studies agree), and the per-workload trial counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from optimlab.bench.plan import SUITES, Suite, TrialSpec, pending, planned_count
+from optimlab.bench.records import TrialRecord
+from optimlab.bench.runner import lr_range
+from optimlab.bench.study import trial_threads
+from optimlab.bench.workloads import get_workload
+
+BEST_LR = {"torch:AdamW": 3e-3, "lion": 2e-4}
+
+
+def fake_result(spec: TrialSpec) -> TrialRecord:
+    """Steps to target grow with the distance (in decades) from the optimizer's best learning rate."""
+    distance = abs(math.log10(spec.hparams["lr"] / BEST_LR[spec.optimizer]))
+    steps = 100 + round(400 * distance)
+    return TrialRecord(
+        spec.workload, spec.optimizer, spec.hparams, spec.seed, spec.phase, "ok", "loss", False, 1.0,
+        steps_to_target=steps, final_val=0.5,
+    )
+
+
+def run(suite: Suite, order=lambda ready: ready[0]) -> dict[str, TrialRecord]:
+    """Finish one ready trial at a time (picked by ``order``) until the suite is finished."""
+    done: dict[str, TrialRecord] = {}
+    while True:
+        ready, finished = pending(suite, done)
+        if finished:
+            assert not ready
+            return done
+        spec = order(ready)
+        done[spec.key] = fake_result(spec)
+
+
+SMALL = Suite("t", ("quadratic", "rosenbrock"), ("torch:AdamW", "lion"), tuning_trials=6, seeds=2)
+
+
+@pytest.mark.parametrize("search", ["grid", "tpe"])
+def test_every_pair_gets_the_same_budget_and_its_best_lr_runs_on_the_seeds(search: str) -> None:
+    suite = SMALL.with_options(search=search)
+    done = run(suite)
+    assert len(done) == planned_count(suite) == 2 * 2 * (6 + 2)
+    for workload in suite.workloads:
+        for optimizer in suite.optimizers:
+            mine = [r for r in done.values() if (r.workload, r.optimizer) == (workload, optimizer)]
+            tune = [r for r in mine if r.phase == "tune"]
+            finals = [r for r in mine if r.phase == "final"]
+            assert len(tune) == 6 and sorted(r.seed for r in finals) == [1, 2]
+            low, high = lr_range(optimizer)
+            assert all(low * 0.999 <= r.hparams["lr"] <= high * 1.001 for r in tune)
+            best = min(tune, key=lambda r: r.steps_to_target)
+            assert all(r.hparams == best.hparams for r in finals)
+
+
+def test_tpe_suggestions_depend_only_on_earlier_results_not_on_who_ran_what_when() -> None:
+    suite = SMALL.with_options(search="tpe")
+    first = run(suite)
+    again = run(suite, order=lambda ready: ready[-1])  # another interleaving of the pairs
+    assert set(first) == set(again)
+    one_pair = [r for r in first.values() if r.workload == "quadratic" and r.optimizer == "lion"]
+    assert len({r.hparams["lr"] for r in one_pair if r.phase == "tune"}) >= 5  # it explores, not repeats
+
+
+def test_tpe_asks_one_trial_at_a_time_per_pair_and_resumes_where_it_stopped() -> None:
+    suite = SMALL.with_options(search="tpe", workloads=("quadratic",), optimizers=("lion",))
+    done: dict[str, TrialRecord] = {}
+    for _ in range(3):
+        ready, _ = pending(suite, done)
+        assert len(ready) == 1
+        done[ready[0].key] = fake_result(ready[0])
+    resumed, _ = pending(suite, dict(done))  # a fresh planner (a restarted worker) over the same results
+    assert resumed == pending(suite, done)[0]
+
+
+def test_tpe_finds_the_best_learning_rate() -> None:
+    suite = SMALL.with_options(search="tpe", tuning_trials=12, workloads=("quadratic",), optimizers=("torch:AdamW",))
+    lrs = [r.hparams["lr"] for r in run(suite).values() if r.phase == "tune"]
+    distances = [abs(math.log10(lr / BEST_LR["torch:AdamW"])) for lr in lrs]
+    assert min(distances) < 0.15
+
+
+def test_full_suite_spends_fewer_tuning_trials_on_the_costly_workloads() -> None:
+    full = SUITES["full"]
+    assert full.trials("charlm") == full.trials("modadd-grokking") == 3
+    assert full.trials("digits-mlp") == full.tuning_trials == 8
+    expected = len(full.optimizers) * sum(full.trials(w) + full.seeds for w in full.workloads)
+    assert planned_count(full) == expected
+    assert full.with_options(tuning_trials=2).trials("charlm") == 2  # --trials applies to every workload
+    with pytest.raises(ValueError, match="search"):
+        Suite("x", (), (), 1, 1, search="random")  # type: ignore[arg-type]
+
+
+def test_trial_threads_follow_the_workload_capped_by_the_cores_per_worker(monkeypatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    charlm, digits = get_workload("charlm"), get_workload("digits-mlp")
+    assert trial_threads(charlm, None, jobs=1) == 2
+    assert trial_threads(charlm, None, jobs=2) == 1
+    assert trial_threads(digits, None, jobs=1) == 1
+    assert trial_threads(digits, 3, jobs=2) == 3  # an explicit --threads wins
