@@ -42,11 +42,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimlab._core.kernels import add_, addcmul_, div_, kernel, mul_
 from optimlab._core.optimizer import OptimlabOptimizer, state_dtype
 from optimlab._core.validation import NON_NEGATIVE, Flag, Interval, adam_family
 from optimlab.registry import Capabilities, MethodInfo, register
 
-__all__ = ["Adan", "adan_"]
+__all__ = ["Adan", "adan_", "adan_update"]
+
+@kernel(read_only=("g",))
+def adan_update(p: Tensor, g: Tensor, prev: Tensor, m: Tensor, v: Tensor, n: Tensor, scalars: Any) -> None:
+    """One tensor's Adan update, in place; ``scalars`` as made by ``adan_``."""
+    beta1, beta2, beta3, c1, c2, c3, bc1, beta2_bc2, sqrt_bc3, eps, lr, shrink, divide = scalars
+    diff = g - prev
+    add_(m.mul_(beta1), g, c1)
+    add_(v.mul_(beta2), diff, c2)
+    lookahead = diff.mul_(beta2).add_(g)
+    addcmul_(n.mul_(beta3), lookahead, lookahead, c3)
+    denom = n.sqrt().div_(sqrt_bc3).add_(eps)
+    update = add_(m.div(bc1), v, beta2_bc2).div_(denom)
+    div_(add_(mul_(p, shrink), update, -lr), divide)
+    prev.copy_(g)
+
 
 def adan_(
     params: list[Tensor],
@@ -67,26 +83,20 @@ def adan_(
     ``grad_scale`` (a 0-dim tensor) multiplies every gradient first: the global clipping factor.
     """
     beta1, beta2, beta3 = betas
+    # the decay as p <- (shrink * p - lr * u) / divide; multiplying or dividing by 1.0 is exact
+    shrink, divide = (1 - lr * weight_decay, 1.0) if no_prox else (1.0, 1 + lr * weight_decay)
     for p, g, state in zip(params, grads, states):
         if grad_scale is not None:
             g = g * grad_scale
-        m, v, n, prev = state["exp_avg"], state["exp_avg_diff"], state["exp_avg_sq"], state["prev_grad"]
         state["step"] += 1
         t = state["step"]
         if t == 1:
-            prev.copy_(g)
-        diff = g - prev
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).add_(diff, alpha=1 - beta2)
-        lookahead = diff.mul_(beta2).add_(g)
-        n.mul_(beta3).addcmul_(lookahead, lookahead, value=1 - beta3)
-        denom = n.sqrt().div_(math.sqrt(1 - beta3**t)).add_(eps)
-        update = torch.div(m, 1 - beta1**t).add_(v, alpha=beta2 / (1 - beta2**t)).div_(denom)
-        if no_prox:
-            p.mul_(1 - lr * weight_decay).sub_(update, alpha=lr)
-        else:
-            p.sub_(update, alpha=lr).div_(1 + lr * weight_decay)
-        prev.copy_(g)
+            state["prev_grad"].copy_(g)
+        bias = (1 - beta1**t, beta2 / (1 - beta2**t), math.sqrt(1 - beta3**t))
+        adan_update(
+            p, g, state["prev_grad"], state["exp_avg"], state["exp_avg_diff"], state["exp_avg_sq"],
+            scalars=(beta1, beta2, beta3, 1 - beta1, 1 - beta2, 1 - beta3, *bias, eps, lr, shrink, divide),
+        )
         if restart_every and t % restart_every == 0:
             _reset(state)
 

@@ -35,11 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimlab._core.kernels import add, add_, addcdiv_, addcmul_, kernel
 from optimlab._core.optimizer import OptimlabOptimizer
 from optimlab._core.validation import Choice, adam_family
 from optimlab.registry import MethodInfo, register
 
-__all__ = ["DiffGrad", "diffgrad_", "FRICTIONS"]
+__all__ = ["DiffGrad", "diffgrad_", "diffgrad_update", "FRICTIONS"]
 
 
 FRICTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -47,6 +48,19 @@ FRICTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "signed": lambda prev, g: torch.sub(prev, g).sigmoid_(),
     "scaled": lambda prev, g: torch.sub(prev, g).abs_().mul_(0.5).sigmoid_().mul_(9).sub_(4),
 }
+
+
+@kernel(read_only=("g",))
+def diffgrad_update(p: Tensor, g: Tensor, prev: Tensor, m: Tensor, v: Tensor, scalars: Any, *, friction: str) -> None:
+    """One tensor's diffGrad update, in place; ``scalars`` as made by ``diffgrad_``."""
+    beta1, beta2, c1, c2, eps, step_size, weight_decay = scalars
+    g = add(g, p, weight_decay)
+    add_(m.mul_(beta1), g, c1)
+    addcmul_(v.mul_(beta2), g, g, c2)
+    xi = FRICTIONS[friction](prev, g)
+    prev.copy_(g)
+    denom = v.sqrt().add_(eps)
+    addcdiv_(p, xi.mul_(m), denom, -step_size)
 
 
 def diffgrad_(
@@ -63,20 +77,14 @@ def diffgrad_(
     """Functional diffGrad: update ``params`` and ``states`` (``step``, ``exp_avg``, ``exp_avg_sq``,
     ``prev_grad``) in place."""
     beta1, beta2 = betas
-    friction_of = FRICTIONS[friction]
     for p, g, state in zip(params, grads, states):
-        m, v, prev = state["exp_avg"], state["exp_avg_sq"], state["prev_grad"]
-        if weight_decay:
-            g = g.add(p, alpha=weight_decay)
         state["step"] += 1
         t = state["step"]
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        xi = friction_of(prev, g)
-        prev.copy_(g)
-        denom = v.sqrt().add_(eps)
         step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-        p.addcdiv_(xi.mul_(m), denom, value=-step_size)
+        diffgrad_update(
+            p, g, state["prev_grad"], state["exp_avg"], state["exp_avg_sq"],
+            scalars=(beta1, beta2, 1 - beta1, 1 - beta2, eps, step_size, weight_decay), friction=friction,
+        )
 
 
 class DiffGrad(OptimlabOptimizer):

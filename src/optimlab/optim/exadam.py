@@ -36,11 +36,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimlab._core.kernels import add_, addcdiv_, addcmul_, kernel, mul_
 from optimlab._core.optimizer import OptimlabOptimizer
 from optimlab._core.validation import Flag, adam_family
 from optimlab.registry import MethodInfo, register
 
-__all__ = ["EXAdam", "exadam_"]
+__all__ = ["EXAdam", "exadam_", "exadam_update"]
+
+@kernel(read_only=("g",))
+def exadam_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Any) -> None:
+    """One tensor's EXAdam update, in place; ``scalars`` as made by ``exadam_``."""
+    beta1, beta2, c1, c2, beta1_t, beta2_t, bc1, bc2, eps, step_size, shrink = scalars
+    mul_(p, shrink)
+    add_(m.mul_(beta1), g, c1)
+    addcmul_(v.mul_(beta2), g, g, c2)
+    d1 = torch.div(v, v + eps).mul_(beta2_t).add_(1)
+    m_sq = m * m
+    d2 = m_sq.div_(m_sq + eps).mul_(beta1_t).add_(1)
+    denom = d2.mul_(v).div_(bc2).sqrt_().add_(eps)
+    numer = torch.add(m, g).mul_(d1).div_(bc1)
+    addcdiv_(p, numer, denom, -step_size)
+
 
 def exadam_(
     params: list[Tensor],
@@ -56,21 +72,14 @@ def exadam_(
     """Functional EXAdam: update ``params`` and ``states`` (``step``, ``exp_avg``, ``exp_avg_sq``) in place."""
     beta1, beta2 = betas
     for p, g, state in zip(params, grads, states):
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        if weight_decay:
-            p.mul_(1 - lr * weight_decay)
         state["step"] += 1
         t = state["step"]
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-        d1 = torch.div(v, v + eps).mul_(beta2**t).add_(1)
-        m_sq = m * m
-        d2 = m_sq.div_(m_sq + eps).mul_(beta1**t).add_(1)
-        denom = d2.mul_(v).div_(bc2).sqrt_().add_(eps)
-        numer = torch.add(m, g).mul_(d1).div_(bc1)
         step_size = lr * math.log(math.sqrt(2 * (t + 1))) if dynamic_lr else lr
-        p.addcdiv_(numer, denom, value=-step_size)
+        exadam_update(
+            p, g, state["exp_avg"], state["exp_avg_sq"],
+            scalars=(beta1, beta2, 1 - beta1, 1 - beta2, beta1**t, beta2**t, 1 - beta1**t, 1 - beta2**t, eps,
+                     step_size, 1 - lr * weight_decay),
+        )
 
 
 class EXAdam(OptimlabOptimizer):

@@ -50,11 +50,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimlab._core.kernels import add, add_, kernel, mul_
 from optimlab._core.optimizer import OptimlabOptimizer
 from optimlab._core.validation import NON_NEGATIVE, Choice, Each, Interval
 from optimlab.registry import MethodInfo, register
 
-__all__ = ["Lion", "LionK", "lion_k_", "KAPPAS"]
+__all__ = ["Lion", "LionK", "lion_k_", "lion_k_update", "KAPPAS"]
 
 _BETA = Interval(0.0, 1.0)
 
@@ -98,6 +99,19 @@ KAPPAS: dict[str, Callable[..., Tensor]] = {
 }
 
 
+ELEMENTWISE_KAPPAS = ("sign", "huber", "quadratic")  # the others need a norm or an SVD of the whole tensor
+
+
+@kernel(read_only=("g",))
+def lion_k_update(p: Tensor, g: Tensor, m: Tensor, scalars: Any, *, kappa: str, norm_p: float) -> None:
+    """One tensor's Lion-𝒦 update, in place; ``scalars`` as made by ``lion_k_``."""
+    shrink, beta1, c1, beta2, c2, lr, huber_delta = scalars
+    mul_(p, shrink)
+    c = add(m * beta1, g, c1)
+    add_(p, KAPPAS[kappa](c, norm_p=norm_p, huber_delta=huber_delta).view_as(p), -lr)
+    add_(m.mul_(beta2), g, c2)
+
+
 def lion_k_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -112,15 +126,11 @@ def lion_k_(
 ) -> None:
     """Functional Lion-𝒦 (``kappa="sign"`` is Lion): update ``params`` and ``states`` (``exp_avg``) in place."""
     beta1, beta2 = betas
-    direction = KAPPAS[kappa]
+    scalars = (1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, lr, huber_delta)
+    update = lion_k_update if kappa in ELEMENTWISE_KAPPAS else lion_k_update.fn  # the rest runs eagerly
     for p, g, state in zip(params, grads, states):
-        if p.numel() == 0:
-            continue
-        m = state["exp_avg"]
-        p.mul_(1 - lr * weight_decay)
-        c = m.mul(beta1).add_(g, alpha=1 - beta1)
-        p.add_(direction(c, norm_p=norm_p, huber_delta=huber_delta).view_as(p), alpha=-lr)
-        m.mul_(beta2).add_(g, alpha=1 - beta2)
+        if p.numel():
+            update(p, g, state["exp_avg"], scalars=scalars, kappa=kappa, norm_p=norm_p if kappa == "lp" else 2.0)
 
 
 class LionK(OptimlabOptimizer):

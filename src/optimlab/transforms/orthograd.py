@@ -34,14 +34,34 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimlab._core.kernels import kernel
 from optimlab._core.optimizer import state_dtype
 from optimlab._core.validation import Flag
 from optimlab._core.wrapper import OptimizerWrapper
 from optimlab.registry import MethodInfo, register
 
-__all__ = ["OrthoGrad", "orthogonalize"]
+__all__ = ["OrthoGrad", "orthogonal_part", "orthogonalize"]
 
 _TINY = 1e-30
+
+
+@kernel(read_only=("w", "g"))
+def orthogonal_part(w: Tensor, g: Tensor, scalars: Any, *, dtype: torch.dtype, rescale: bool) -> Tensor:
+    """``g`` without its component along ``w`` (rescaled to ``g``'s norm), computed in ``dtype``, as ``g``'s dtype.
+
+    ``scalars`` is ``(noise,)``: a remainder with norm at most ``noise`` times ``g``'s is rounding noise.
+    """
+    (noise,) = scalars
+    w32, g32 = w.reshape(-1).to(dtype), g.reshape(-1).to(dtype)
+    coef = torch.dot(w32, g32) / (torch.dot(w32, w32) + _TINY)
+    g_perp = g32 - coef * w32
+    g_norm, perp_norm = torch.linalg.vector_norm(g32), torch.linalg.vector_norm(g_perp)
+    # g parallel to w up to rounding (always so for one-element tensors): what is left is noise, which
+    # rescaling would blow up to the size of g in a random direction
+    g_perp = torch.where(perp_norm <= noise * g_norm, 0.0, g_perp)
+    if rescale:
+        g_perp = g_perp * (g_norm / (perp_norm + _TINY))
+    return g_perp.to(g.dtype).view_as(g)
 
 
 def orthogonalize(params: list[Tensor], grads: list[Tensor], *, rescale: bool = True) -> list[Tensor]:
@@ -51,17 +71,8 @@ def orthogonalize(params: list[Tensor], grads: list[Tensor], *, rescale: bool = 
         if g.is_sparse or g.is_complex():
             raise TypeError("OrthoGrad needs dense real gradients; sparse or complex gradients are not supported")
         dtype = state_dtype(w)
-        w32, g32 = w.detach().reshape(-1).to(dtype), g.reshape(-1).to(dtype)
-        coef = torch.dot(w32, g32) / (torch.dot(w32, w32) + _TINY)
-        g_perp = g32 - coef * w32
-        g_norm, perp_norm = torch.linalg.vector_norm(g32), torch.linalg.vector_norm(g_perp)
-        # g parallel to w up to rounding (always so for one-element tensors): what is left is noise, which
-        # rescaling would blow up to the size of g in a random direction
-        noise = perp_norm <= 4 * torch.finfo(dtype).eps * math.sqrt(max(g32.numel(), 1)) * g_norm
-        g_perp = torch.where(noise, 0.0, g_perp)
-        if rescale:
-            g_perp.mul_(g_norm / (perp_norm + _TINY))
-        out.append(g_perp.to(g.dtype).view_as(g))
+        noise = 4 * torch.finfo(dtype).eps * math.sqrt(max(g.numel(), 1))
+        out.append(orthogonal_part(w.detach(), g, scalars=(noise,), dtype=dtype, rescale=rescale))
     return out
 
 
