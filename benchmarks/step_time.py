@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import optimlab
+from optimlab._core.kernels import kernel_mode
 from optimlab.bench._files import write_atomic
 
 WEIGHT_DECAY = 1e-2  # every contender decays (cost depends only on decay being on), all else at defaults
@@ -48,6 +49,7 @@ class Contender:
     source: str  # "torch", "optimlab" or the peer's package
     factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     inner: str | None = None  # for a wrapper: the contender it wraps (its overhead is measured against it)
+    kernels: str = "compiled"  # optimlab's kernel mode during the block (the default, or the eager reference)
 
 
 def _adamw(params: list[torch.Tensor], **kw: bool) -> torch.optim.Optimizer:
@@ -73,10 +75,12 @@ def contenders() -> list[Contender]:
         label = f"optimlab.{optimlab.get(name).cls.__name__}{suffix}"
         make = partial(optimlab.create, name, weight_decay=WEIGHT_DECAY, **kw)
         rows.append(Contender(label, algorithm, "optimlab", make))
+        rows.append(Contender(f"{label} eager", algorithm, "optimlab", make, kernels="eager"))
     for name in optimlab.available("wrapper"):
         make = partial(optimlab.create, name, inner="adamw", foreach=True, weight_decay=WEIGHT_DECAY)
         label = f"optimlab.{optimlab.get(name).cls.__name__}(AdamW)"
         rows.append(Contender(label, f"{name}+adamw", "optimlab", make, inner=BASELINE))
+        rows.append(Contender(f"{label} eager", f"{name}+adamw", "optimlab", make, inner=BASELINE, kernels="eager"))
     # peers, at their defaults (pytorch_optimizer's foreach=None means foreach on CPU for Adan, DiffGrad and Lion,
     # per-tensor for EXAdam and OrthoGrad, so those two also run with foreach=True)
     peers = [  # (label, class, algorithm, keyword arguments)
@@ -132,6 +136,11 @@ def cpu_ticks() -> tuple[int, int] | None:
 @torch.no_grad()
 def run_block(c: Contender, params: list, p0: list, grads: list, g0: list, warmup: int, steps: int) -> dict:
     """Fresh optimizer from the same parameters; ``warmup`` untimed steps, then ``steps`` timed ones."""
+    with kernel_mode(c.kernels):
+        return _run_block(c, params, p0, grads, g0, warmup, steps)
+
+
+def _run_block(c: Contender, params: list, p0: list, grads: list, g0: list, warmup: int, steps: int) -> dict:
 
     def reset_grads() -> None:
         for p, g, g_saved in zip(params, grads, g0):
@@ -167,6 +176,19 @@ def run_block(c: Contender, params: list, p0: list, grads: list, g0: list, warmu
     return {"times_ms": times, "others_cores": others, "state_bytes": state_bytes, "mutates_grad": mutated}
 
 
+@torch.no_grad()
+def triad_gb_s(n: int, repeats: int = 5) -> float:
+    """Streaming triad ``a = b + s * c`` over ``n`` float32 elements: the best of ``repeats``, in GB/s, counting
+    the compulsory traffic (two arrays read, one written)."""
+    a, b, c = (torch.rand(n) for _ in range(3))
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass faults the pages in
+        t0 = time.perf_counter()
+        torch.add(b, c, alpha=1.5, out=a)
+        best = min(best, time.perf_counter() - t0)
+    return 3 * 4 * n / best / 1e9
+
+
 def run_set(shapes: list, rounds: int, warmup: int, steps: int, rows: list[Contender], rng: random.Random) -> dict:
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     p0 = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
@@ -175,7 +197,9 @@ def run_set(shapes: list, rounds: int, warmup: int, steps: int, rows: list[Conte
     grads = [g.clone() for g in g0]
     n = sum(p.numel() for p in p0)
     out = {c.name: {"algorithm": c.algorithm, "source": c.source, "inner": c.inner, "blocks": []} for c in rows}
+    triads = []
     for r in range(rounds):
+        triads.append(triad_gb_s(n))
         order = [c for c in rows if "error" not in out[c.name]]
         rng.shuffle(order)
         for c in order:
@@ -196,7 +220,8 @@ def run_set(shapes: list, rounds: int, warmup: int, steps: int, rows: list[Conte
             q1, med, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (t[0],) * 3
             res.update(median_ms=med, q1_ms=q1, q3_ms=q3, quiet_blocks=len(quiet))
     params_info = {"n_params": n, "n_tensors": len(shapes), "shapes": shapes}
-    return {**params_info, "rounds": rounds, "warmup": warmup, "steps": steps, "contenders": out}
+    triad = {"triad_gb_s": statistics.median(triads), "triad_runs_gb_s": triads}
+    return {**params_info, **triad, "rounds": rounds, "warmup": warmup, "steps": steps, "contenders": out}
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -217,6 +242,10 @@ def add_ratios(result: dict) -> None:
         if v["inner"] and med.get(v["inner"]):
             v["overhead_ms"] = v["median_ms"] - med[v["inner"]]
             v["overhead_ratio"] = v["overhead_ms"] / med[v["inner"]]
+        else:  # compulsory traffic: parameter read and written, gradient read, every state buffer read and written
+            traffic = result["n_params"] * 4 * 3 + 2 * v["state_bytes"]
+            v["gb_s"] = traffic / v["median_ms"] / 1e6
+            v["of_triad"] = v["gb_s"] / result["triad_gb_s"]
 
 
 def _f(x: float | None, fmt: str) -> str:
@@ -238,23 +267,25 @@ def markdown(data: dict) -> str:
         lines += [
             "",
             f"## {set_name}: {result['n_params']:,} parameters in {result['n_tensors']} float32 tensors "
-            f"({result['rounds']} rounds × {result['steps']} timed steps after {result['warmup']} warm-up)",
+            f"({result['rounds']} rounds × {result['steps']} timed steps after {result['warmup']} warm-up). "
+            f"Streaming triad: {result['triad_gb_s']:.1f} GB/s (median of the rounds); \"of triad\" is the "
+            "compulsory traffic (parameter and state read and written, gradient read) per step time over it.",
             "",
             "| contender | algorithm | ms/step | p25–p75 | × AdamW foreach | × AdamW fused | × fastest peer "
-            "| state B/param | mutates grad | quiet blocks |",
-            "|---|---|--:|--:|--:|--:|--:|--:|:-:|--:|",
+            "| of triad | state B/param | mutates grad | quiet blocks |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|:-:|--:|",
         ]
         groups = list(dict.fromkeys(v["algorithm"] for v in res.values()))
         for name, v in sorted(
             res.items(), key=lambda kv: (groups.index(kv[1]["algorithm"]), kv[1].get("median_ms", float("inf")))
         ):
             if "median_ms" not in v:
-                lines.append(f"| {name} | {v['algorithm']} | failed: {v.get('error', 'not run')} ||||||||")
+                lines.append(f"| {name} | {v['algorithm']} | failed: {v.get('error', 'not run')} |||||||||")
                 continue
             lines.append(
                 f"| {name} | {v['algorithm']} | {v['median_ms']:.3f} | {v['q1_ms']:.3f}–{v['q3_ms']:.3f} "
                 f"| {_f(v['x_adamw_foreach'], '.2f')} | {_f(v['x_adamw_fused'], '.2f')} "
-                f"| {_f(v['x_fastest_peer'], '.2f')} | {v['state_bytes_per_param']:.1f} "
+                f"| {_f(v['x_fastest_peer'], '.2f')} | {_f(v.get('of_triad'), '.0%')} | {v['state_bytes_per_param']:.1f} "
                 f"| {'yes' if v['mutates_grad'] else 'no'} | {v['quiet_blocks']}/{len(v['blocks'])} |"
             )
         wrappers = {k: v for k, v in res.items() if "overhead_ms" in v}

@@ -130,7 +130,9 @@ def run_trial(
     task = workload.build(seed)
     params = [p for p in task.model.parameters() if p.requires_grad]
     try:
-        opt = resolve_optimizer(optimizer)(params, **hparams)
+        factory = resolve_optimizer(optimizer)
+        _warm_up(factory, hparams, params)
+        opt = factory(params, **hparams)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(workload.max_steps))
         _train(workload, task, opt, schedule, params, record)
     except Exception as err:  # an optimizer's failure is a result, not a crash of the study
@@ -140,6 +142,19 @@ def run_trial(
         record.test = {k: float(v) for k, v in task.evaluate("test").items()}
     record.env["finished"] = _now()
     return record
+
+
+@torch.no_grad()
+def _warm_up(factory: Callable[..., torch.optim.Optimizer], hparams: dict[str, Any], params: list[torch.Tensor]) -> None:
+    """Two steps of a throwaway optimizer on copies of the parameters, untimed: one-time costs (compiling a
+    kernel, lazy imports) stay out of the trial's seconds. The trial's own parameters and RNG are untouched."""
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p in copies:
+        p.grad = torch.zeros_like(p)
+    warm = factory(copies, **hparams)
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(2):
+            warm.step()
 
 
 def _train(workload, task, opt, schedule, params, record: TrialRecord) -> None:

@@ -62,8 +62,7 @@ _BETA = Interval(0.0, 1.0)
 
 def _sign(c: Tensor) -> Tensor:
     # torch.sign(nan) is 0, which would freeze a coordinate silently behind a NaN momentum
-    nan = torch.isnan(c)
-    return c.sign_().masked_fill_(nan, torch.nan)
+    return torch.where(c != c, c, c.sign())  # c != c: NaN (vectorizes where isnan does not)
 
 
 def _l2(c: Tensor, **_: float) -> Tensor:
