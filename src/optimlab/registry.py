@@ -8,6 +8,7 @@ place they are written.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -113,23 +114,43 @@ def available(kind: str | None = None) -> list[str]:
 _TORCH_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 
 
-def _optimizer_class(inner: str | type) -> type:
-    if isinstance(inner, type):
-        return inner
-    if inner in _REGISTRY and _REGISTRY[inner].kind == "optimizer":
-        return _REGISTRY[inner].cls
-    if inner in _TORCH_OPTIMIZERS:
-        return getattr(torch.optim, _TORCH_OPTIMIZERS[inner])
-    choices = available("optimizer") + sorted(_TORCH_OPTIMIZERS)
-    raise KeyError(f"unknown optimizer {inner!r}; choices: {', '.join(choices)}")
+def optimizer_class(spec: str | type) -> type[torch.optim.Optimizer]:
+    """The optimizer class ``spec`` names: a class itself; a registry optimizer (``"adan"``); one of torch's by
+    its short name (``"sgd"``, ``"adam"``, ``"adamw"``) or as ``"torch:<Class>"``; or any class by import path,
+    ``"package.module:Class"``. Anything else, or a class that is not a ``torch.optim.Optimizer``, is a
+    ``ValueError`` that lists the choices."""
+    cls: Any
+    if isinstance(spec, type):
+        cls = spec
+    elif spec in _REGISTRY and _REGISTRY[spec].kind == "optimizer":
+        return _REGISTRY[spec].cls
+    elif spec in _TORCH_OPTIMIZERS:
+        return getattr(torch.optim, _TORCH_OPTIMIZERS[spec])
+    elif spec.startswith("torch:"):
+        cls = getattr(torch.optim, spec[len("torch:") :], None)
+        if cls is None:
+            raise ValueError(f"unknown optimizer {spec!r}: torch.optim has no optimizer class by that name")
+    elif ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot import optimizer {spec!r}: {err}") from None
+    else:
+        raise ValueError(
+            f"unknown optimizer {spec!r}; choose one of {', '.join(available('optimizer'))}, "
+            f"{', '.join(sorted(_TORCH_OPTIMIZERS))}, torch:<Class> (e.g. torch:AdamW) or package.module:Class"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"{spec!r} is not a torch.optim.Optimizer subclass (got {cls!r})")
+    return cls
 
 
 def create(name: str, params: torch.nn.Module | Iterable[Any], **kwargs: Any) -> Any:
     """Build a registered method on a model or an iterable of parameters (or param groups).
 
-    For a wrapper, ``inner`` names the optimizer it wraps (a registry name, ``"sgd"``/``"adam"``/``"adamw"``
-    for torch's, or any ``torch.optim.Optimizer`` subclass; default ``"adamw"``); the wrapper's own arguments
-    go to the wrapper and the rest to the inner optimizer::
+    For a wrapper, ``inner`` names the optimizer it wraps (anything :func:`optimizer_class` accepts; default
+    ``"adamw"``); the wrapper's own arguments go to the wrapper and the rest to the inner optimizer::
 
         opt = optimlab.create("orthograd", model, inner="adan", lr=1e-2)
     """
@@ -137,7 +158,7 @@ def create(name: str, params: torch.nn.Module | Iterable[Any], **kwargs: Any) ->
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
     if info.kind == "wrapper":
-        inner_cls = _optimizer_class(kwargs.pop("inner", "adamw"))
+        inner_cls = optimizer_class(kwargs.pop("inner", "adamw"))
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in info.defaults}
         return info.cls(inner_cls(params, **kwargs), **own)
     if info.kind != "optimizer":

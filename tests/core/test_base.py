@@ -145,8 +145,45 @@ def test_create_builds_optimizers_and_wrappers_by_name() -> None:
 def test_unknown_names_list_the_choices() -> None:
     with pytest.raises(KeyError, match="available: adan"):
         optimlab.create("adamm", [torch.nn.Parameter(torch.ones(1))])
-    with pytest.raises(KeyError, match="choices:"):
+    with pytest.raises(ValueError, match="unknown optimizer 'nope'; choose one of adan"):
         optimlab.create("orthograd", [torch.nn.Parameter(torch.ones(1))], inner="nope")
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("lion", optimlab.Lion),
+        ("adamw", torch.optim.AdamW),
+        ("torch:SGD", torch.optim.SGD),
+        ("optimlab.optim.adan:Adan", optimlab.Adan),
+        (torch.optim.RMSprop, torch.optim.RMSprop),
+    ],
+)
+def test_one_resolver_names_optimizers_for_create_and_the_bench(spec, expected) -> None:
+    from optimlab.bench.runner import resolve_optimizer
+    from optimlab.registry import optimizer_class
+
+    assert optimizer_class(spec) is expected
+    wrapped = optimlab.create("orthograd", [torch.nn.Parameter(torch.ones(2))], inner=spec, lr=1e-3)
+    assert type(wrapped.optimizer) is expected
+    if isinstance(spec, str):
+        assert resolve_optimizer(spec) is expected
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("torch:Adamm", "torch.optim has no optimizer class"),
+        ("math:sqrt", "is not a torch.optim.Optimizer subclass"),
+        ("nomodule.x:Y", "cannot import optimizer"),
+        (dict, "is not a torch.optim.Optimizer subclass"),
+    ],
+)
+def test_bad_optimizer_specs_are_clear_errors(spec, message) -> None:
+    from optimlab.registry import optimizer_class
+
+    with pytest.raises(ValueError, match=message):
+        optimizer_class(spec)
 
 
 @pytest.mark.parametrize("name", optimlab.available())

@@ -13,7 +13,6 @@ own by defining ``bench_metrics() -> dict[str, float]`` (e.g. bytes communicated
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import platform
@@ -30,6 +29,7 @@ import torch
 import optimlab
 from optimlab.bench.records import CURVE_COLUMNS, TrialRecord
 from optimlab.bench.workloads.base import Workload
+from optimlab.registry import optimizer_class
 
 __all__ = ["resolve_optimizer", "run_trial", "lr_range", "environment"]
 
@@ -37,36 +37,18 @@ _TORCH_LR_RANGE = (1e-4, 1e-1)
 
 
 def resolve_optimizer(spec: str) -> Callable[..., torch.optim.Optimizer]:
-    """A factory ``(params, **hparams) -> optimizer`` for an optimizer spec.
-
-    Specs: a registry name (``adan``); a wrapper around an inner spec (``orthograd(torch:AdamW)``); one of torch's
-    optimizers (``torch:AdamW``); any class by import path (``package.module:Class``).
+    """A factory ``(params, **hparams) -> optimizer`` for an optimizer spec: anything
+    :func:`optimlab.registry.optimizer_class` accepts (``adan``, ``torch:AdamW``, ``package.module:Class``), or a
+    registry wrapper around such a spec (``orthograd(torch:AdamW)``), the hyperparameters going to the inner one.
     """
     if spec.endswith(")") and "(" in spec:
         wrapper, inner = spec[:-1].split("(", 1)
         info = _registry_entry(wrapper, "wrapper")
         make_inner = resolve_optimizer(inner)
         return lambda params, **hp: info.cls(make_inner(params, **hp))
-    if spec in optimlab.available():
-        return _registry_entry(spec, "optimizer").cls
-    if spec.startswith("torch:"):
-        cls = getattr(torch.optim, spec[len("torch:") :], None)
-        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-            raise ValueError(f"unknown optimizer {spec!r}: torch.optim has no optimizer class by that name")
-        return cls
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import optimizer {spec!r}: {err}") from None
-        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-            raise ValueError(f"{spec!r} is not a torch.optim.Optimizer subclass (got {cls!r})")
-        return cls
-    raise ValueError(
-        f"unknown optimizer {spec!r}; choose one of {', '.join(optimlab.available())}, torch:<Class> "
-        "(e.g. torch:AdamW), wrapper(inner) (e.g. orthograd(torch:AdamW)) or package.module:Class"
-    )
+    if spec in optimlab.available("wrapper"):
+        raise ValueError(f"{spec!r} is a wrapper: name the optimizer it wraps, e.g. {spec}(torch:AdamW)")
+    return optimizer_class(spec)
 
 
 def _registry_entry(name: str, kind: str):
