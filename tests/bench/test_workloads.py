@@ -29,7 +29,7 @@ RECIPES: dict[str, dict] = {
     "rosenbrock": {"lr": 0.1},
     "quadratic": {"lr": 0.1},
     "charlm": {"lr": 2e-3},
-    "modadd-grokking": {"lr": 2e-3, "weight_decay": 1.0, "betas": (0.9, 0.98)},  # the grokking recipe, 3,000 steps
+    "modadd-grokking": {"lr": 2e-3, "weight_decay": 1.0, "betas": (0.9, 0.98)},  # the grokking recipe, 2,500 steps
 }
 
 

@@ -180,6 +180,7 @@ class Kernel:
         self.written = tuple(i for i, name in enumerate(names) if name not in read_only)
         self.failed: str | None = None  # why compiling failed, once it has
         self.compiled_calls = 0
+        self._last_pack: tuple[tuple[float, ...], torch.device, Tensor] | None = None
         functools.update_wrapper(self, fn)
 
     @functools.cached_property
@@ -197,12 +198,21 @@ class Kernel:
             t.device == first.device and t.shape == first.shape and t.stride() == first.stride() for t in tensors[1:]
         )
 
+    def _pack(self, scalars: tuple[float, ...], device: torch.device) -> Tensor:
+        """The scalars as one tensor on ``device``; the tensors of a param group usually share them, so the last
+        pack is reused (the kernel only reads it)."""
+        if self._last_pack is not None and self._last_pack[0] == scalars and self._last_pack[1] == device:
+            return self._last_pack[2]
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        pack = torch.tensor(scalars, dtype=dtype, device=device)
+        self._last_pack = (scalars, device, pack)
+        return pack
+
     def __call__(self, *tensors: Tensor, scalars: Sequence[float] = (), **constants: Any) -> Any:
         if _mode == "eager" or self.failed or torch.compiler.is_compiling() or not self.eligible(tensors):
             return self.fn(*tensors, scalars, **constants)
         first = tensors[0]
-        pack_dtype = torch.float32 if first.device.type == "mps" else torch.float64
-        pack = torch.tensor(scalars, dtype=pack_dtype, device=first.device)
+        pack = self._pack(tuple(scalars), first.device)
         try:
             flat = [_flat(t, i in self.written) for i, t in enumerate(tensors)]
             out = self.compiled(*flat, pack, **constants)

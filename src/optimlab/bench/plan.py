@@ -66,7 +66,7 @@ SUITES: dict[str, Suite] = {
         optimizers=("torch:AdamW", "adan", "exadam", "diffgrad", "lion", "orthograd(torch:AdamW)"),
         tuning_trials=8,
         seeds=3,
-        # a transformer trial takes ~35-45 s at 2 threads (the others ~1 s): 3 learning rates each keeps the
+        # a transformer trial takes ~30-45 s at 2 threads (the others ~1 s): 3 learning rates each keeps the
         # suite inside its hour
         tuning_trials_for={"charlm": 3, "modadd-grokking": 3},
     ),
