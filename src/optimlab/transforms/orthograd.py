@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from optimlab._core.kernels import kernel
 from optimlab._core.optimizer import state_dtype
@@ -46,8 +47,9 @@ _TINY = 1e-30
 
 
 @kernel(read_only=("w", "g"))
-def orthogonal_part(w: Tensor, g: Tensor, scalars: Any, *, dtype: torch.dtype, rescale: bool) -> Tensor:
-    """``g`` without its component along ``w`` (rescaled to ``g``'s norm), computed in ``dtype``, as ``g``'s dtype.
+def orthogonal_part(w: Tensor, g: Tensor, out: Tensor, scalars: Any, *, dtype: torch.dtype, rescale: bool) -> Tensor:
+    """Write into ``out`` (and return it) ``g`` without its component along ``w``, rescaled to ``g``'s norm,
+    computed in ``dtype``.
 
     ``scalars`` is ``(noise,)``: a remainder with norm at most ``noise`` times ``g``'s is rounding noise.
     """
@@ -61,19 +63,23 @@ def orthogonal_part(w: Tensor, g: Tensor, scalars: Any, *, dtype: torch.dtype, r
     g_perp = torch.where(perp_norm <= noise * g_norm, 0.0, g_perp)
     if rescale:
         g_perp = g_perp * (g_norm / (perp_norm + _TINY))
-    return g_perp.to(g.dtype).view_as(g)
+    return out.copy_(g_perp.view_as(out))
 
 
-def orthogonalize(params: list[Tensor], grads: list[Tensor], *, rescale: bool = True) -> list[Tensor]:
-    """New gradients orthogonal to their parameters (``grads`` are not modified)."""
-    out = []
-    for w, g in zip(params, grads):
+def orthogonalize(
+    params: list[Tensor], grads: list[Tensor], *, rescale: bool = True, out: list[Tensor] | None = None
+) -> list[Tensor]:
+    """Gradients orthogonal to their parameters, written into ``out`` (new tensors by default); ``grads`` are
+    not modified."""
+    results = []
+    for i, (w, g) in enumerate(zip(params, grads)):
         if g.is_sparse or g.is_complex():
             raise TypeError("OrthoGrad needs dense real gradients; sparse or complex gradients are not supported")
         dtype = state_dtype(w)
         noise = 4 * torch.finfo(dtype).eps * math.sqrt(max(g.numel(), 1))
-        out.append(orthogonal_part(w.detach(), g, scalars=(noise,), dtype=dtype, rescale=rescale))
-    return out
+        target = torch.empty_like(g) if out is None else out[i]
+        results.append(orthogonal_part(w.detach(), g, target, scalars=(noise,), dtype=dtype, rescale=rescale))
+    return results
 
 
 class OrthoGrad(OptimizerWrapper):
@@ -83,7 +89,20 @@ class OrthoGrad(OptimizerWrapper):
         super().__init__(optimizer, rescale=rescale)
 
     def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        return orthogonalize(params, grads, rescale=self.options["rescale"])
+        return orthogonalize(params, grads, rescale=self.options["rescale"], out=list(map(self._buffer, params, grads)))
+
+    def _buffer(self, p: Tensor, g: Tensor) -> Tensor:
+        """A tensor like ``g`` to write ``p``'s projected gradient into, kept from step to step: a fresh one every
+        step would be fresh memory every step, whose first touch costs as much as the projection itself. (Like
+        the gradient buffers autograd accumulates into, it is overwritten by the next step.)"""
+        buffers = self.__dict__.setdefault("_buffers", WeakTensorKeyDictionary())
+        buffer = buffers.get(p)
+        if buffer is None or buffer.shape != g.shape or buffer.dtype != g.dtype or buffer.stride() != g.stride():
+            buffer = buffers[p] = torch.empty_like(g)
+        return buffer
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in super().__getstate__().items() if k != "_buffers"}
 
 
 register(
