@@ -204,8 +204,8 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def environment(threads: int, jobs: int) -> dict[str, Any]:
-    """Versions, machine and settings, recorded with every trial."""
+def environment(jobs: int) -> dict[str, Any]:
+    """Versions, machine and settings, recorded with every trial (which adds its own ``threads``)."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
@@ -219,7 +219,6 @@ def environment(threads: int, jobs: int) -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
-        "threads": threads,
         "jobs": jobs,
         "git_sha": sha or None,
     }

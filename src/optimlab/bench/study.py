@@ -49,6 +49,7 @@ def run_worker(
     """Claim and run trials until the suite is finished. ``on_finish(new_records, finished_count)`` is called
     whenever this worker sees trials finished (by it or by other workers) that it had not seen."""
     store = TrialStore(storage)
+    env = environment(jobs)  # once per worker: it runs git and reads /proc/cpuinfo
     done = store.records()
 
     def refresh() -> None:
@@ -74,7 +75,7 @@ def run_worker(
                 workload = get_workload(spec.workload)
                 n = trial_threads(workload, threads, jobs)
                 torch.set_num_threads(n)
-                record = run_trial(workload, spec.optimizer, spec.hparams, spec.seed, phase=spec.phase, env=environment(n, jobs))
+                record = run_trial(workload, spec.optimizer, spec.hparams, spec.seed, phase=spec.phase, env={**env, "threads": n})
                 store.finish(trial_id, record, score(record))
             finally:
                 stop.set()
