@@ -41,14 +41,23 @@ def resolve_optimizer(spec: str) -> Callable[..., torch.optim.Optimizer]:
     :func:`optimlab.registry.optimizer_class` accepts (``adan``, ``torch:AdamW``, ``package.module:Class``), or a
     registry wrapper around such a spec (``orthograd(torch:AdamW)``), the hyperparameters going to the inner one.
     """
-    if spec.endswith(")") and "(" in spec:
-        wrapper, inner = spec[:-1].split("(", 1)
+    wrapped = _split_wrapper(spec)
+    if wrapped is not None:
+        wrapper, inner = wrapped
         info = _registry_entry(wrapper, "wrapper")
         make_inner = resolve_optimizer(inner)
         return lambda params, **hp: info.cls(make_inner(params, **hp))
     if spec in optimlab.available("wrapper"):
         raise ValueError(f"{spec!r} is a wrapper: name the optimizer it wraps, e.g. {spec}(torch:AdamW)")
     return optimizer_class(spec)
+
+
+def _split_wrapper(spec: str) -> tuple[str, str] | None:
+    """``(wrapper, inner)`` of a ``wrapper(inner)`` spec, else None."""
+    if spec.endswith(")") and "(" in spec:
+        wrapper, inner = spec[:-1].split("(", 1)
+        return wrapper, inner
+    return None
 
 
 def _registry_entry(name: str, kind: str):
@@ -59,9 +68,11 @@ def _registry_entry(name: str, kind: str):
 
 def lr_range(spec: str) -> tuple[float, float]:
     """The learning-rate range a fair tuner searches for ``spec``: its registry entry's, else a broad default."""
-    name = spec[spec.index("(") + 1 : -1] if spec.endswith(")") else spec
-    if name in optimlab.available("optimizer"):
-        return optimlab.get(name).lr_range
+    wrapped = _split_wrapper(spec)
+    if wrapped is not None:  # a wrapper is tuned over the range of the optimizer it wraps
+        return lr_range(wrapped[1])
+    if spec in optimlab.available("optimizer"):
+        return optimlab.get(spec).lr_range
     return _TORCH_LR_RANGE
 
 
