@@ -164,9 +164,8 @@ def _compile_errors() -> tuple[type[Exception], ...]:
 class Kernel:
     """A per-tensor update ``fn(*tensors, scalars)`` with a compiled and an eager path (see the module docstring).
 
-    ``fn`` mutates its tensors in place and may return tensors of the tensors' shape (a returned tensor comes
-    back with the first tensor's shape and strides). ``scalars`` is any sequence of floats, indexed or unpacked
-    by ``fn``.
+    ``fn`` writes its results into its tensor arguments, in place (an output buffer is one more argument), and
+    returns nothing. ``scalars`` is any sequence of floats, indexed or unpacked by ``fn``.
     """
 
     def __init__(self, fn: Callable[..., Any], read_only: tuple[str, ...] = ()) -> None:
@@ -208,14 +207,15 @@ class Kernel:
         self._last_pack = (scalars, device, pack)
         return pack
 
-    def __call__(self, *tensors: Tensor, scalars: Sequence[float] = (), **constants: Any) -> Any:
+    def __call__(self, *tensors: Tensor, scalars: Sequence[float] = (), **constants: Any) -> None:
         if _mode == "eager" or self.failed or torch.compiler.is_compiling() or not self.eligible(tensors):
-            return self.fn(*tensors, scalars, **constants)
+            self.fn(*tensors, scalars, **constants)
+            return
         first = tensors[0]
         pack = self._pack(tuple(scalars), first.device)
         try:
             flat = [_flat(t, i in self.written) for i, t in enumerate(tensors)]
-            out = self.compiled(*flat, pack, **constants)
+            self.compiled(*flat, pack, **constants)
         except _compile_errors() as err:  # a missing compiler or an unsupported device: fails before any write
             self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             warnings.warn(
@@ -224,13 +224,11 @@ class Kernel:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return self.fn(*tensors, scalars, **constants)
+            self.fn(*tensors, scalars, **constants)
+            return
         self.compiled_calls += 1
         for i in self.written:
             increment_version(tensors[i])
-        if isinstance(out, Tensor):
-            return out.as_strided(first.shape, first.stride())
-        return out
 
 
 def kernel(*, read_only: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Kernel]:

@@ -47,9 +47,9 @@ _TINY = 1e-30
 
 
 @kernel(read_only=("w", "g"))
-def orthogonal_part(w: Tensor, g: Tensor, out: Tensor, scalars: Any, *, dtype: torch.dtype, rescale: bool) -> Tensor:
-    """Write into ``out`` (and return it) ``g`` without its component along ``w``, rescaled to ``g``'s norm,
-    computed in ``dtype``.
+def orthogonal_part(w: Tensor, g: Tensor, out: Tensor, scalars: Any, *, dtype: torch.dtype, rescale: bool) -> None:
+    """Write into ``out`` ``g`` without its component along ``w``, rescaled to ``g``'s norm, computed in
+    ``dtype``.
 
     ``scalars`` is ``(noise,)``: a remainder with norm at most ``noise`` times ``g``'s is rounding noise.
     """
@@ -63,7 +63,7 @@ def orthogonal_part(w: Tensor, g: Tensor, out: Tensor, scalars: Any, *, dtype: t
     g_perp = torch.where(perp_norm <= noise * g_norm, 0.0, g_perp)
     if rescale:
         g_perp = g_perp * (g_norm / (perp_norm + _TINY))
-    return out.copy_(g_perp.view_as(out))
+    out.copy_(g_perp.view_as(out))
 
 
 def orthogonalize(
@@ -78,7 +78,8 @@ def orthogonalize(
         dtype = state_dtype(w)
         noise = 4 * torch.finfo(dtype).eps * math.sqrt(max(g.numel(), 1))
         target = torch.empty_like(g) if out is None else out[i]
-        results.append(orthogonal_part(w.detach(), g, target, scalars=(noise,), dtype=dtype, rescale=rescale))
+        orthogonal_part(w.detach(), g, target, scalars=(noise,), dtype=dtype, rescale=rescale)
+        results.append(target)
     return results
 
 
