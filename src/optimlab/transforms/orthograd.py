@@ -88,6 +88,7 @@ class OrthoGrad(OptimizerWrapper):
 
     def __init__(self, optimizer: torch.optim.Optimizer, rescale: bool = True) -> None:
         super().__init__(optimizer, rescale=rescale)
+        self._buffers = WeakTensorKeyDictionary()  # parameter -> the tensor its projected gradient is written into
 
     def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         return orthogonalize(params, grads, rescale=self.options["rescale"], out=list(map(self._buffer, params, grads)))
@@ -96,14 +97,17 @@ class OrthoGrad(OptimizerWrapper):
         """A tensor like ``g`` to write ``p``'s projected gradient into, kept from step to step: a fresh one every
         step would be fresh memory every step, whose first touch costs as much as the projection itself. (Like
         the gradient buffers autograd accumulates into, it is overwritten by the next step.)"""
-        buffers = self.__dict__.setdefault("_buffers", WeakTensorKeyDictionary())
-        buffer = buffers.get(p)
+        buffer = self._buffers.get(p)
         if buffer is None or buffer.shape != g.shape or buffer.dtype != g.dtype or buffer.stride() != g.stride():
-            buffer = buffers[p] = torch.empty_like(g)
+            buffer = self._buffers[p] = torch.empty_like(g)
         return buffer
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:  # the buffers are scratch space: not pickled, made again on use
         return {k: v for k, v in super().__getstate__().items() if k != "_buffers"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._buffers = WeakTensorKeyDictionary()
 
 
 register(
