@@ -15,7 +15,7 @@ import torch
 from optimlab._core.kernels import kernel_mode
 
 from .problems import SeparableQuadratic, clone_params, make_params, rosenbrock, train
-from .subjects import SUBJECTS, Subject
+from .subjects import CLOSURE_ENTRIES, SUBJECTS, Subject
 
 subjects = pytest.mark.parametrize("subject", SUBJECTS, ids=lambda s: s.id)
 
@@ -30,6 +30,13 @@ def exempt_or_run(subject: Subject, check: str, body) -> None:
             body()
 
 
+def skip_if_exempt(subject: Subject, check: str) -> None:
+    """For checks whose premise a method does not share (``MethodInfo.exemptions``), skip with the reason."""
+    reason = subject.exempt(check)
+    if reason is not None:
+        pytest.skip(f"exempt in the registry: {reason}")
+
+
 def assert_same(xs, ys) -> None:
     for x, y in zip(xs, ys, strict=True):
         assert torch.equal(x, y), (x - y).abs().max()
@@ -37,6 +44,7 @@ def assert_same(xs, ys) -> None:
 
 @subjects
 def test_param_groups_equal_separate_optimizers(subject: Subject) -> None:
+    skip_if_exempt(subject, "param_groups")
     problem = SeparableQuadratic()
     params = make_params()
     grouped = subject.make([{"params": params[:2]}, {"params": params[2:], "lr": subject.lr / 3}])
@@ -81,6 +89,7 @@ def test_closure_returns_loss_and_matches_manual_backward(subject: Subject) -> N
 @subjects
 def test_missing_gradients_keep_per_parameter_steps(subject: Subject) -> None:
     """A parameter without a gradient for its first steps behaves as if the optimizer started when it got one."""
+    skip_if_exempt(subject, "missing_gradients")
     problem, late = SeparableQuadratic(), 3
     params = make_params()
     opt = subject.make(params)
@@ -360,3 +369,14 @@ def test_compiled_training_step(subject: Subject) -> None:
 
     exempt_or_run(subject, "compile", run)
 
+
+@pytest.mark.parametrize("info", CLOSURE_ENTRIES, ids=lambda i: i.name)
+def test_step_without_the_required_closure_says_so(info) -> None:
+    params = make_params()
+    opt = info.cls(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises((RuntimeError, TypeError), match="closure"):
+        opt.step()
+    assert_same(params, make_params())
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)
