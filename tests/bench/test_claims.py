@@ -18,6 +18,7 @@ from optimlab.bench.claims import (
     ClaimsFileError,
     Rule,
     Verdict,
+    describe_rule,
     evaluate_claims,
     load_claims,
     parse_claims,
@@ -25,6 +26,7 @@ from optimlab.bench.claims import (
 )
 from optimlab.bench.records import CURVE_COLUMNS, TrialRecord
 from optimlab.bench.runner import resolve_optimizer
+from optimlab.bench.specs import parse_spec
 
 EVAL_EVERY = 100
 SECONDS_PER_STEP = 0.01
@@ -131,7 +133,7 @@ def test_shipped_claims_parse_and_reference_known_rules_and_optimizers() -> None
         assert c.min_seeds >= 3 and c.budget > 0 and c.statement and c.source
         for spec in (c.candidate, c.baseline):
             resolve_optimizer(spec)  # a spec the runner can build
-        assert c.baseline == "torch:AdamW"
+        assert parse_spec(c.baseline).innermost.name == "torch:AdamW"
 
 
 @pytest.mark.parametrize(
@@ -202,6 +204,25 @@ def test_speedup_counts_unreached_as_infinite() -> None:
     neither = seeds("cand", [None] * 3) + seeds("base", [None] * 3)
     result = evaluate_claims([claim()], neither)[0]
     assert result.verdict is Verdict.INCONCLUSIVE and "neither" in result.reason
+
+
+def test_ratio_zero_means_the_candidate_reaches_where_the_baseline_never_does() -> None:
+    reaches_only = claim(rule=Rule("speedup", ratio=0.0))
+    assert verdict(reaches_only, seeds("cand", [300, 300, 900]) + seeds("base", [None] * 3)) is Verdict.HOLDS
+    assert verdict(reaches_only, seeds("cand", [300] * 3) + seeds("base", [2000, 900, 900])) is Verdict.FAILS
+    assert verdict(reaches_only, seeds("cand", [None] * 3) + seeds("base", [900] * 3)) is Verdict.FAILS
+
+
+def test_the_baseline_may_run_on_a_variant_workload() -> None:
+    across = claim(baseline_workload="w-variant")
+    records = seeds("cand", [200, 200, 300]) + seeds("base", [500, 500, 600], workload="w-variant")
+    result = evaluate_claims([across], records)[0]
+    assert result.verdict is Verdict.HOLDS and "w-variant" in describe_rule(across)
+    # the baseline's own workload is the variant: its trials on "w" are not used
+    unpaired = seeds("cand", [200] * 3) + seeds("base", [500] * 3) + seeds("other", [500] * 3, workload="w-variant")
+    assert "no finished final trials of base on w-variant" in evaluate_claims([across], unpaired)[0].reason
+    other_metric = seeds("cand", [200] * 3) + seeds("base", [500] * 3, workload="w-variant", metric="loss")
+    assert "different metrics" in evaluate_claims([across], other_metric)[0].reason
 
 
 def test_speedup_ignores_targets_reached_after_the_budget() -> None:
@@ -334,5 +355,6 @@ def test_shipped_claims_judge_whole_runs_of_existing_workloads() -> None:
     from optimlab.bench.workloads import WORKLOADS
 
     for claim in load_claims(None):
-        assert claim.workload in WORKLOADS, claim.id
+        assert claim.workload in WORKLOADS and claim.baseline_on in WORKLOADS, claim.id
         assert claim.budget == WORKLOADS[claim.workload].max_steps, f"{claim.id}: budget is not the workload's"
+        assert claim.budget == WORKLOADS[claim.baseline_on].max_steps, f"{claim.id}: budget is not the workload's"

@@ -32,12 +32,14 @@ class ExplodingSGD(torch.optim.SGD):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--optimizers", "adamm"], "unknown optimizer 'adamm'; choose one of adan"),
+        (["--optimizers", "adamm"], "unknown optimizer 'adamm'; choose one of adagradnorm, adan"),
         (["--optimizers", "torch:Nope"], "torch.optim has no optimizer class"),
         (["--optimizers", "tests.bench.test_cli:NotAnOptimizer"], "is not a torch.optim.Optimizer subclass"),
         (["--optimizers", "orthograd(adamm)"], "unknown optimizer 'adamm'"),
         (["--optimizers", "adan(torch:AdamW)"], "unknown wrapper 'adan'"),
         (["--workloads", "imagenet"], "unknown workload 'imagenet'"),
+        (["--optimizers", "adan@warmup"], "unknown schedule 'warmup'"),
+        (["--optimizers", "adan@refined"], "which the suite does not run there: add it"),
     ],
 )
 def test_bad_input_is_a_clear_error(args, message, tmp_path: Path, capsys) -> None:
@@ -75,3 +77,15 @@ def test_bench_end_to_end_writes_results_and_a_report(tmp_path: Path) -> None:
     assert main([*args, "--trials", "2", "--seeds", "1", "--no-progress"]) == 0
     assert (tmp_path / "report.html").stat().st_size > 0 and (tmp_path / "report.md").stat().st_size > 0
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2 * (2 + 1)
+
+
+def test_optimizer_lists_keep_commas_inside_specs_and_suite_names_match() -> None:
+    from optimlab.bench.plan import SUITES
+    from optimlab.cli import SUITE_NAMES, _csv
+
+    assert _csv("adan, torch:AdamW[weight_decay=0,betas=(0.9,0.98)]@linear,orthograd(lion),") == (
+        "adan",
+        "torch:AdamW[weight_decay=0,betas=(0.9,0.98)]@linear",
+        "orthograd(lion)",
+    )
+    assert SUITE_NAMES == tuple(SUITES)

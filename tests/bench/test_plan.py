@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from optimlab.bench.plan import SUITES, Suite, TrialSpec, pending, planned_count
+from optimlab.bench.plan import SUITES, Suite, TrialSpec, pending, planned_count, source_key
 from optimlab.bench.records import TrialRecord
 from optimlab.bench.runner import lr_range
 from optimlab.bench.study import trial_threads
@@ -103,3 +103,38 @@ def test_trial_threads_follow_the_workload_capped_by_the_cores_per_worker(monkey
     assert trial_threads(charlm, None, jobs=2) == 1
     assert trial_threads(digits, None, jobs=1) == 1
     assert trial_threads(digits, 3, jobs=2) == 3  # an explicit --threads wins
+
+
+def test_a_refined_trial_waits_for_the_linear_trial_it_is_refined_from() -> None:
+    BEST_LR.update({"torch:AdamW@linear": 3e-3, "torch:AdamW@refined": 1e-2})
+    suite = Suite("r", ("quadratic",), ("torch:AdamW@refined", "torch:AdamW@linear"), tuning_trials=4, seeds=2)
+    done: dict[str, TrialRecord] = {}
+    while True:
+        ready, finished = pending(suite, done)
+        if finished:
+            break
+        for spec in ready:
+            if source_key(spec) is not None:
+                assert source_key(spec) in done  # never ready before its source
+                source = done[source_key(spec)]
+                assert (source.optimizer, source.hparams, source.seed) == ("torch:AdamW@linear", {"lr": spec.hparams["lr"]}, 0)
+        done[ready[-1].key] = fake_result(ready[-1])  # finish the last ready one: refined trials get a chance first
+    assert len(done) == planned_count(suite) == 2 * (4 + 2)
+    finals = [r for r in done.values() if r.optimizer == "torch:AdamW@refined" and r.phase == "final"]
+    assert len(finals) == 2 and all(source_key(TrialSpec(r.workload, r.optimizer, r.hparams, r.seed, r.phase)) in done for r in finals)
+
+
+def test_refined_schedules_need_their_linear_source_and_grid_search() -> None:
+    with pytest.raises(ValueError, match="add it"):
+        Suite("r", ("quadratic",), ("adan@refined",), tuning_trials=4, seeds=2)
+    with pytest.raises(ValueError, match="grid"):
+        Suite("r", ("quadratic",), ("adan@linear", "adan@refined"), tuning_trials=4, seeds=2, search="tpe")
+
+
+def test_per_workload_optimizer_lists() -> None:
+    aids = SUITES["aids"]
+    assert ("modadd-grokking-stablemax", "orthograd(torch:AdamW[weight_decay=0])") in aids.pairs()
+    assert ("charlm", "torch:AdamW@refined") in aids.pairs() and ("charlm", "torch:AdamW[weight_decay=0]") not in aids.pairs()
+    assert planned_count(aids) == sum(aids.trials(w) + aids.seeds for w, _ in aids.pairs())
+    assert aids.with_options(optimizers=("adan",)).pairs() == [(w, "adan") for w in aids.workloads]
+    assert "modadd-grokking-stablemax" not in SUITES["full"].workloads  # the full suite keeps its hour

@@ -17,7 +17,7 @@ from optimlab.bench.workloads import mnist1d_cnn as m1d
 from optimlab.bench.workloads._common import EpochBatches, derive_seed
 
 QUICK = ["digits-logreg", "digits-mlp", "mnist1d-cnn", "rosenbrock", "quadratic"]
-SLOW = ["charlm", "modadd-grokking"]
+SLOW = ["charlm", "modadd-grokking", "modadd-grokking-stablemax"]
 DETERMINISTIC = ["rosenbrock", "quadratic"]  # no data, no noise: the seed changes nothing
 STOCHASTIC = [name for name in WORKLOADS if name not in DETERMINISTIC]
 
@@ -30,6 +30,7 @@ RECIPES: dict[str, dict] = {
     "quadratic": {"lr": 0.1},
     "charlm": {"lr": 2e-3},
     "modadd-grokking": {"lr": 2e-3, "weight_decay": 1.0, "betas": (0.9, 0.98)},  # the grokking recipe, 2,500 steps
+    "modadd-grokking-stablemax": {"lr": 2e-3, "weight_decay": 1.0, "betas": (0.9, 0.98)},
 }
 
 
@@ -316,3 +317,16 @@ def test_mnist1d_damaged_cache_is_regenerated(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="regenerating MNIST-1D"):
         assert m1d.mnist1d_arrays() is fresh
     assert m1d.mnist1d_arrays()["args"] == "{}"  # rewritten, and read back
+
+
+def test_the_stablemax_variant_is_the_same_task_with_the_stablemax_loss():
+    from optimlab.nn import stablemax_cross_entropy
+
+    plain, stable = get_workload("modadd-grokking").build(3), get_workload("modadd-grokking-stablemax").build(3)
+    assert all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), stable.model.parameters(), strict=True))
+    idx = plain.batches(7)
+    assert torch.equal(idx, stable.batches(7))
+    logits = stable.model(stable.x[idx])
+    assert stable.train_loss(7).item() == stablemax_cross_entropy(logits, stable.y[idx]).item()
+    assert stable.train_loss(7).item() != plain.train_loss(7).item()
+    assert stable.evaluate("val")["accuracy"] == plain.evaluate("val")["accuracy"]

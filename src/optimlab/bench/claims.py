@@ -1,6 +1,7 @@
 """Claims: a paper's headline result, written as a predicate before the run and judged on the run's records.
 
-A claim compares a *candidate* optimizer with a *baseline* on one workload, using only the "final" trials (the
+A claim compares a *candidate* optimizer with a *baseline* on one workload (or, with ``baseline_workload``, the
+baseline on a variant of it, e.g. the same task with another loss), using only the "final" trials (the
 chosen hyperparameters rerun over several seeds). A trial is *finished* when its status is "ok" or "diverged";
 "error" trials are broken runs, not results, and are left out. Candidate and baseline trials are *paired by seed*
 (the same seed means the same initialisation and data order), and only seeds finished by both are used.
@@ -11,8 +12,9 @@ Two rule kinds (``RULE_KINDS``), each with an aggregate comparison and the same 
     A trial's *time* is its recorded time-to-target if it reached the target within the claim's step ``budget``
     (``steps_to_target <= budget``), else ∞ (never reached, reached too late, or diverged first).
     Aggregate: R = median(candidate times) / median(baseline times); seed i: r_i = t_candidate,i / t_baseline,i.
-    The comparison holds when the ratio is ≤ ``ratio`` (0.5: "in at most half the steps"). ∞/∞ is undefined
-    (neither reached the target: nothing to compare), x/∞ = 0 and ∞/x = ∞ for finite x.
+    The comparison holds when the ratio is ≤ ``ratio`` (0.5: "in at most half the steps"; 0: "reaches the
+    target where the baseline never does"). ∞/∞ is undefined (neither reached the target: nothing to compare),
+    x/∞ = 0 and ∞/x = ∞ for finite x.
 
 ``better`` (metric ``final_val``, ``best_val`` or ``test.<name>``)
     A trial's *value* is the metric oriented so that higher is better (negated when lower is better); a diverged
@@ -119,6 +121,11 @@ class Claim:
     min_seeds: int
     rule: Rule
     workload_metric: str | None = None  # the workload metric the margin is written in ("accuracy", ...)
+    baseline_workload: str | None = None  # the baseline's own workload (a variant of ``workload``), if it differs
+
+    @property
+    def baseline_on(self) -> str:
+        return self.baseline_workload or self.workload
 
 
 @dataclass(frozen=True)
@@ -225,10 +232,21 @@ def _difference(a: float, b: float) -> float:
     return a - b
 
 
+def _where(claim: Claim) -> str:
+    if claim.baseline_on == claim.workload:
+        return f"on {claim.workload}"
+    return f"on {claim.workload} (the baseline on {claim.baseline_on})"
+
+
 def _describe_speedup(claim: Claim) -> str:
+    if claim.rule.ratio == 0:
+        return (
+            f"median {claim.metric}({claim.candidate}) finite and median {claim.metric}({claim.baseline}) = ∞ "
+            f"{_where(claim)}, not reached within {claim.budget} steps = ∞"
+        )
     return (
         f"median {claim.metric}({claim.candidate}) ≤ {claim.rule.ratio:g} × median {claim.metric}"
-        f"({claim.baseline}) on {claim.workload}, not reached within {claim.budget} steps = ∞"
+        f"({claim.baseline}) {_where(claim)}, not reached within {claim.budget} steps = ∞"
     )
 
 
@@ -240,7 +258,7 @@ def _describe_better(claim: Claim) -> str:
         words = f"strictly better than {claim.baseline}'s"
     else:
         words = f"better than {claim.baseline}'s or worse by less than {-margin:g}"
-    return f"mean {claim.metric}({claim.candidate}) {words} on {claim.workload} (diverged = worst)"
+    return f"mean {claim.metric}({claim.candidate}) {words} {_where(claim)} (diverged = worst)"
 
 
 KINDS: dict[str, _Kind] = {
@@ -297,13 +315,17 @@ def _decide(aggregate: bool | None, per_seed: list[bool | None], needed: int) ->
 def evaluate_claim(claim: Claim, index: FinalIndex) -> ClaimResult:
     """Judge one claim on finished final trials indexed by :func:`final_trials`."""
     kind = KINDS[claim.rule.kind]
-    candidate, baseline = index.get((claim.workload, claim.candidate)), index.get((claim.workload, claim.baseline))
-    if not any(workload == claim.workload for workload, _ in index):
-        return _inconclusive(claim, f"workload {claim.workload} is not in the results")
-    for name, trials in ((claim.candidate, candidate), (claim.baseline, baseline)):
+    candidate, baseline = index.get((claim.workload, claim.candidate)), index.get((claim.baseline_on, claim.baseline))
+    for workload in dict.fromkeys((claim.workload, claim.baseline_on)):
+        if not any(w == workload for w, _ in index):
+            return _inconclusive(claim, f"workload {workload} is not in the results")
+    for name, trials, workload in ((claim.candidate, candidate, claim.workload), (claim.baseline, baseline, claim.baseline_on)):
         if not trials:
-            return _inconclusive(claim, f"no finished final trials of {name} on {claim.workload}")
-    metric = next(iter(candidate.values())).metric
+            return _inconclusive(claim, f"no finished final trials of {name} on {workload}")
+    metrics = {next(iter(trials.values())).metric for trials in (candidate, baseline)}
+    if len(metrics) > 1:
+        return _inconclusive(claim, f"candidate and baseline measured different metrics ({', '.join(sorted(metrics))})")
+    metric = metrics.pop()
     if claim.workload_metric is not None and metric != claim.workload_metric:
         return _inconclusive(claim, f"the claim is written for {claim.workload_metric}, the run measured {metric}")
     seeds = sorted(set(candidate) & set(baseline))
@@ -389,7 +411,7 @@ _REQUIRED = {
     "min_seeds": int,
     "rule": dict,
 }
-_OPTIONAL = {"workload_metric": str}
+_OPTIONAL = {"workload_metric": str, "baseline_workload": str}
 _RULE_PARAMETERS = {"speedup": "ratio", "better": "margin"}
 
 
@@ -449,8 +471,8 @@ def _parse_rule(entry: Mapping[str, Any], metric: str, where: str) -> Rule:
     if not metric_ok:
         raise ClaimsFileError(f"{where}: metric {metric!r} does not fit rule kind {kind!r}")
     rule = Rule(kind=kind, **{parameter: float(entry[parameter])}, agree=float(entry.get("agree", DEFAULT_AGREE)))
-    if kind == "speedup" and not rule.ratio > 0:
-        raise ClaimsFileError(f"{where}: ratio must be > 0")
+    if kind == "speedup" and not rule.ratio >= 0:
+        raise ClaimsFileError(f"{where}: ratio must be ≥ 0")
     if not 0 < rule.agree <= 1:
         raise ClaimsFileError(f"{where}: agree must be in (0, 1]")
     return rule

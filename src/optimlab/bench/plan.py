@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from optimlab.bench.records import TrialRecord, trial_key
 from optimlab.bench.runner import lr_range
+from optimlab.bench.specs import linear_source, parse_spec
 from optimlab.bench.workloads import WORKLOADS
 
 __all__ = ["Suite", "SUITES", "TrialSpec", "grid", "score", "pending", "planned_count"]
@@ -37,18 +38,37 @@ class Suite:
     seeds: int  # final seeds per (workload, optimizer)
     search: Literal["grid", "tpe"] = "grid"
     tuning_trials_for: Mapping[str, int] = field(default_factory=dict)  # fewer for the costly workloads
+    optimizers_for: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # a workload's own list
 
     def __post_init__(self) -> None:
         if self.search not in ("grid", "tpe"):
             raise ValueError(f"search must be 'grid' or 'tpe', got {self.search!r}")
+        for workload, optimizer in self.pairs():
+            if parse_spec(optimizer).schedule != "refined":
+                continue
+            if self.search != "grid":
+                raise ValueError(f"{optimizer}: a refined schedule is computed from the linear-decay trial at the "
+                                 "same learning rate, which only grid search guarantees; use search='grid'")
+            if linear_source(optimizer) not in self.optimizers_of(workload):
+                raise ValueError(f"{optimizer} on {workload} is refined from {linear_source(optimizer)}, which "
+                                 "the suite does not run there: add it")
 
     def trials(self, workload: str) -> int:
         return self.tuning_trials_for.get(workload, self.tuning_trials)
+
+    def optimizers_of(self, workload: str) -> tuple[str, ...]:
+        return self.optimizers_for.get(workload, self.optimizers)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every (workload, optimizer) the suite runs, in order."""
+        return [(w, o) for w in self.workloads for o in self.optimizers_of(w)]
 
     def with_options(self, **changes: Any) -> Suite:
         changes = {k: v for k, v in changes.items() if v is not None}
         if "tuning_trials" in changes:  # an explicit count applies to every workload
             changes["tuning_trials_for"] = {}
+        if "optimizers" in changes:  # an explicit list applies to every workload
+            changes["optimizers_for"] = {}
         return replace(self, **changes)
 
 
@@ -62,13 +82,27 @@ SUITES: dict[str, Suite] = {
     ),
     "full": Suite(
         "full",
-        workloads=tuple(WORKLOADS),
+        workloads=tuple(name for name in WORKLOADS if name != "modadd-grokking-stablemax"),
         optimizers=("torch:AdamW", "adan", "exadam", "diffgrad", "lion", "orthograd(torch:AdamW)"),
         tuning_trials=8,
         seeds=3,
         # a transformer trial takes ~30-45 s at 2 threads (the others ~1 s): 3 learning rates each keeps the
         # suite inside its hour
         tuning_trials_for={"charlm": 3, "modadd-grokking": 3},
+    ),
+    # training aids (issue #6): the refined schedule against the linear decay it is computed from, and
+    # StableMax + ⊥Grad against the plain set-up, both without weight decay, on the grokking task
+    "aids": Suite(
+        "aids",
+        workloads=("mnist1d-cnn", "charlm", "modadd-grokking", "modadd-grokking-stablemax"),
+        optimizers=("torch:AdamW@linear", "torch:AdamW@refined"),
+        tuning_trials=6,
+        seeds=3,
+        tuning_trials_for={"charlm": 3, "modadd-grokking": 3, "modadd-grokking-stablemax": 3},
+        optimizers_for={
+            "modadd-grokking": ("torch:AdamW[weight_decay=0]", "orthograd(torch:AdamW[weight_decay=0])"),
+            "modadd-grokking-stablemax": ("torch:AdamW[weight_decay=0]", "orthograd(torch:AdamW[weight_decay=0])"),
+        },
     ),
 }
 
@@ -105,8 +139,9 @@ def score(record: TrialRecord) -> float:
     return 1e9 + max(gap, 0.0)
 
 
-def _tuning(suite: Suite, workload: str, optimizer: str, done: Mapping[str, TrialRecord]) -> tuple[list[TrialSpec], list[TrialSpec]]:
-    """(finished tuning trials, tuning trials that can run now) of one (workload, optimizer)."""
+def _tuning(suite: Suite, workload: str, optimizer: str, done: Mapping[str, TrialRecord]) -> tuple[list[TrialSpec], list[TrialSpec], bool]:
+    """(finished tuning trials, tuning trials that can run now, whether tuning is complete) of one (workload,
+    optimizer)."""
 
     def trial(lr: float) -> TrialSpec:
         return TrialSpec(workload, optimizer, {"lr": lr}, TUNE_SEED, "tune")
@@ -114,7 +149,10 @@ def _tuning(suite: Suite, workload: str, optimizer: str, done: Mapping[str, Tria
     n = suite.trials(workload)
     if suite.search == "grid":
         specs = [trial(lr) for lr in grid(optimizer, n)]
-        return [t for t in specs if t.key in done], [t for t in specs if t.key not in done]
+        tuned = [t for t in specs if t.key in done]
+        # a refined trial waits for the linear-decay trial it is computed from
+        runnable = [t for t in specs if t.key not in done and source_key(t) in (None, *done)]
+        return tuned, runnable, len(tuned) == len(specs)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -127,39 +165,44 @@ def _tuning(suite: Suite, workload: str, optimizer: str, done: Mapping[str, Tria
         suggestion = study.ask(lr_space)
         spec = trial(float(f"{suggestion.params['lr']:.3g}"))
         if spec.key not in done:
-            return finished, [spec]
+            return finished, [spec], False
         study.tell(suggestion, min(score(done[spec.key]), 1e300))  # TPE ranks the values; inf is not one
         finished.append(spec)
-    return finished, []
+    return finished, [], True
 
 
 def pending(suite: Suite, done: Mapping[str, TrialRecord]) -> tuple[list[TrialSpec], bool]:
     """Trials that can run now, in order, and whether the whole suite is finished."""
     ready: list[TrialSpec] = []
     finished = True
-    for workload in suite.workloads:
-        for optimizer in suite.optimizers:
-            tuned, missing = _tuning(suite, workload, optimizer, done)
-            if missing:
-                ready += missing
-                finished = False
-                continue
-            best = min(tuned, key=lambda t: (score(done[t.key]), t.hparams["lr"]))
-            finals = [
-                TrialSpec(workload, optimizer, best.hparams, seed, "final") for seed in range(1, suite.seeds + 1)
-            ]
-            todo = [t for t in finals if t.key not in done]
-            ready += todo
-            finished = finished and not todo
+    for workload, optimizer in suite.pairs():
+        tuned, runnable, complete = _tuning(suite, workload, optimizer, done)
+        if not complete:
+            ready += runnable
+            finished = False
+            continue
+        best = min(tuned, key=lambda t: (score(done[t.key]), t.hparams["lr"]))
+        finals = [TrialSpec(workload, optimizer, best.hparams, seed, "final") for seed in range(1, suite.seeds + 1)]
+        todo = [t for t in finals if t.key not in done]
+        ready += todo
+        finished = finished and not todo
     return ready, finished
 
 
+def source_key(trial: TrialSpec) -> str | None:
+    """The key of the linear-decay trial a refined trial's schedule is computed from: the same workload, spec
+    (scheduled ``linear``) and learning rate, on the tuning seed; None for the other schedules."""
+    if parse_spec(trial.optimizer).schedule != "refined":
+        return None
+    return trial_key(trial.workload, linear_source(trial.optimizer), {"lr": trial.hparams["lr"]}, TUNE_SEED)
+
+
 def planned_count(suite: Suite) -> int:
-    return len(suite.optimizers) * sum(suite.trials(w) + suite.seeds for w in suite.workloads)
+    return sum(suite.trials(w) + suite.seeds for w, _ in suite.pairs())
 
 
 def describe(suite: Suite) -> Iterable[str]:
-    yield f"suite {suite.name}: {len(suite.workloads)} workloads x {len(suite.optimizers)} optimizers"
+    yield f"suite {suite.name}: {len(suite.workloads)} workloads, {len(suite.pairs())} (workload, optimizer) pairs"
     counts = sorted({suite.trials(w) for w in suite.workloads})
     tuning = " or ".join(map(str, counts))
     yield f"  {tuning} tuning trials ({suite.search}) + {suite.seeds} seeds each = {planned_count(suite)} trials"

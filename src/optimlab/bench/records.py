@@ -37,6 +37,8 @@ class TrialRecord:
     higher_is_better: bool
     target: float
     curve: dict[str, list[float]] = field(default_factory=dict)
+    # per training step (index i: the raw gradient step i + 1 used), when the suite logs them: {"l1": [...], "l2": [...]}
+    grad_norms: dict[str, list[float]] = field(default_factory=dict)
     steps: int = 0
     grad_evals: int = 0
     seconds: float = 0.0

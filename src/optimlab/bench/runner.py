@@ -1,14 +1,18 @@
 """One trial: train a workload's model with one optimizer, hyperparameters and seed, and record what happened.
 
-Every optimizer gets the same schedule around its learning rate: a linear warm-up over the first 2 % of the
-step budget, then cosine decay to zero at the budget (AlgoPerf's shape). Time counts training only
+Every optimizer gets the same schedule around its learning rate: by default a linear warm-up over the first
+2 % of the step budget, then cosine decay to zero at the budget (AlgoPerf's shape); a spec's ``@linear`` or
+``@refined`` suffix asks for linear decay or the refined schedule instead (:mod:`optimlab.bench.specs`). Time counts training only
 (evaluations are excluded) and stops the run at the workload's wall-clock budget. A non-finite training or
 validation loss ends the trial as ``diverged`` (the NaN policy), and an exception raised by the optimizer ends
 it as ``error``: neither stops the study.
 
-The per-evaluation log is the record's ``curve``. Besides loss, metric and the ℓ1/ℓ2 norms of the gradient
-(the refined schedule of arXiv 2310.07831 is computed from them), an optimizer or a task may add columns of its
+The per-evaluation log is the record's ``curve``. Besides loss, metric and the ℓ1/ℓ2 norms of the gradient, an
+optimizer or a task may add columns of its
 own by defining ``bench_metrics() -> dict[str, float]`` (e.g. bytes communicated by a distributed method).
+Trials with a ``linear`` or ``refined`` schedule also log both gradient norms at every step
+(``record.grad_norms``): the refined schedule of arXiv 2310.07831 is computed from them, by the bench itself or
+by ``optimlab schedule refine``.
 """
 
 from __future__ import annotations
@@ -28,36 +32,35 @@ import torch
 
 import optimlab
 from optimlab.bench.records import CURVE_COLUMNS, TrialRecord
+from optimlab.bench.specs import OptimizerSpec, parse_spec
 from optimlab.bench.workloads.base import Workload
 from optimlab.registry import optimizer_class
+from optimlab.schedules import linear_decay, refine
 
-__all__ = ["resolve_optimizer", "run_trial", "lr_range", "environment"]
+__all__ = ["resolve_optimizer", "run_trial", "lr_range", "lr_factor", "environment"]
 
 _TORCH_LR_RANGE = (1e-4, 1e-1)
+WARMUP_FRACTION = 0.02
 
 
-def resolve_optimizer(spec: str) -> Callable[..., torch.optim.Optimizer]:
-    """A factory ``(params, **hparams) -> optimizer`` for an optimizer spec: anything
-    :func:`optimlab.registry.optimizer_class` accepts (``adan``, ``torch:AdamW``, ``package.module:Class``), or a
-    registry wrapper around such a spec (``orthograd(torch:AdamW)``), the hyperparameters going to the inner one.
+def resolve_optimizer(spec: str | OptimizerSpec) -> Callable[..., torch.optim.Optimizer]:
+    """A factory ``(params, **hparams) -> optimizer`` for an optimizer spec (grammar in
+    :mod:`optimlab.bench.specs`): anything :func:`optimlab.registry.optimizer_class` accepts (``adan``,
+    ``torch:AdamW``, ``package.module:Class``), with fixed hyperparameters (``torch:AdamW[weight_decay=0]``), or
+    a registry wrapper around such a spec (``orthograd(torch:AdamW)``); the tuned hyperparameters go to the
+    innermost optimizer. The schedule suffix does not change the factory.
     """
-    wrapped = _split_wrapper(spec)
-    if wrapped is not None:
-        wrapper, inner = wrapped
-        info = _registry_entry(wrapper, "wrapper")
-        make_inner = resolve_optimizer(inner)
-        return lambda params, **hp: info.cls(make_inner(params, **hp))
-    if spec in optimlab.available("wrapper"):
-        raise ValueError(f"{spec!r} is a wrapper: name the optimizer it wraps, e.g. {spec}(torch:AdamW)")
-    return optimizer_class(spec)
-
-
-def _split_wrapper(spec: str) -> tuple[str, str] | None:
-    """``(wrapper, inner)`` of a ``wrapper(inner)`` spec, else None."""
-    if spec.endswith(")") and "(" in spec:
-        wrapper, inner = spec[:-1].split("(", 1)
-        return wrapper, inner
-    return None
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    if parsed.inner is not None:
+        info = _registry_entry(parsed.name, "wrapper")
+        make_inner = resolve_optimizer(parsed.inner)
+        return lambda params, **hp: info.cls(make_inner(params, **hp), **parsed.fixed)
+    if parsed.name in optimlab.available("wrapper"):
+        raise ValueError(f"{parsed.name!r} is a wrapper: name the optimizer it wraps, e.g. {parsed.name}(torch:AdamW)")
+    cls = optimizer_class(parsed.name)
+    if not parsed.fixed:
+        return cls
+    return lambda params, **hp: cls(params, **{**parsed.fixed, **hp})
 
 
 def _registry_entry(name: str, kind: str):
@@ -67,24 +70,38 @@ def _registry_entry(name: str, kind: str):
 
 
 def lr_range(spec: str) -> tuple[float, float]:
-    """The learning-rate range a fair tuner searches for ``spec``: its registry entry's, else a broad default."""
-    wrapped = _split_wrapper(spec)
-    if wrapped is not None:  # a wrapper is tuned over the range of the optimizer it wraps
-        return lr_range(wrapped[1])
-    if spec in optimlab.available("optimizer"):
-        return optimlab.get(spec).lr_range
+    """The learning-rate range a fair tuner searches for ``spec``: its innermost optimizer's registry range (a
+    wrapper is tuned over the range of the optimizer it wraps), else a broad default."""
+    name = parse_spec(spec).innermost.name
+    if name in optimlab.available("optimizer"):
+        return optimlab.get(name).lr_range
     return _TORCH_LR_RANGE
 
 
-def _warmup_cosine(total: int) -> Callable[[int], float]:
-    warmup = max(1, round(0.02 * total))
+def lr_factor(spec: str | OptimizerSpec, total: int, source: TrialRecord | None = None) -> Callable[[int], float]:
+    """The multiplier of the peak learning rate at 0-based step ``t`` for the spec's schedule over ``total``
+    steps (see :mod:`optimlab.bench.specs`); a ``refined`` schedule needs the ``source`` trial's norm log."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    warmup = max(1, round(WARMUP_FRACTION * total))
+    if parsed.schedule == "linear":
+        return lambda t: linear_decay(t, total, warmup)
+    if parsed.schedule == "refined":
+        norm = parsed.refinement_norm
+        norms = (source.grad_norms.get(norm) if source is not None and source.status == "ok" else None) or []
+        if not norms:
+            raise ValueError(
+                f"no gradient-norm log to refine {parsed} from: the linear-decay trial at this learning rate "
+                f"{'is missing' if source is None else 'did not finish (' + source.status + ')'}"
+            )
+        multipliers = refine(norms, norm=norm, steps=total).tolist()
+        return lambda t: multipliers[min(t, total - 1)]
 
-    def factor(t: int) -> float:
+    def cosine(t: int) -> float:
         if t < warmup:
             return (t + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warmup) / max(1, total - warmup))))
 
-    return factor
+    return cosine
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -103,9 +120,17 @@ def _grad_norms(params: list[torch.Tensor]) -> tuple[float, float]:
 
 
 def run_trial(
-    workload: Workload, optimizer: str, hparams: dict[str, Any], seed: int, *, phase: str, env: dict[str, Any] | None = None
+    workload: Workload,
+    optimizer: str,
+    hparams: dict[str, Any],
+    seed: int,
+    *,
+    phase: str,
+    env: dict[str, Any] | None = None,
+    schedule_source: TrialRecord | None = None,
 ) -> TrialRecord:
-    """Run one trial to its budget (or to divergence) and return its record."""
+    """Run one trial to its budget (or to divergence) and return its record. A ``refined`` spec's schedule is
+    computed from ``schedule_source``, the finished ``linear`` trial it refines."""
     record = TrialRecord(
         workload=workload.name,
         optimizer=optimizer,
@@ -123,11 +148,13 @@ def run_trial(
     task = workload.build(seed)
     params = [p for p in task.model.parameters() if p.requires_grad]
     try:
-        factory = resolve_optimizer(optimizer)
+        spec = parse_spec(optimizer)
+        factory = resolve_optimizer(spec)
+        factor = lr_factor(spec, workload.max_steps, schedule_source)
         _warm_up(factory, hparams, params)
         opt = factory(params, **hparams)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(workload.max_steps))
-        _train(workload, task, opt, schedule, params, record)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        _train(workload, task, opt, schedule, params, record, log_norms=spec.schedule in ("linear", "refined"))
     except Exception as err:  # an optimizer's failure is a result, not a crash of the study
         record.status = "error"
         record.error = "".join(traceback.format_exception_only(type(err), err)).strip()
@@ -150,9 +177,11 @@ def _warm_up(factory: Callable[..., torch.optim.Optimizer], hparams: dict[str, A
             warm.step()
 
 
-def _train(workload, task, opt, schedule, params, record: TrialRecord) -> None:
+def _train(workload, task, opt, schedule, params, record: TrialRecord, *, log_norms: bool = False) -> None:
     grad_evals = 0
     step = 0
+    # per-step ℓ1 and ℓ2 norms of the gradient each step used, kept on the device until the end (no sync per step)
+    norms = torch.full((workload.max_steps, 2), math.nan, dtype=torch.float64) if log_norms else None
 
     def closure() -> torch.Tensor:
         nonlocal grad_evals
@@ -168,6 +197,8 @@ def _train(workload, task, opt, schedule, params, record: TrialRecord) -> None:
         loss = opt.step(closure)
         schedule.step()
         seconds += time.perf_counter() - start
+        if norms is not None:
+            norms[step] = _grad_norm_pair(params)
         last = step + 1 == workload.max_steps or seconds >= workload.max_seconds
         if (step + 1) % workload.eval_every and not last:
             continue
@@ -183,11 +214,21 @@ def _train(workload, task, opt, schedule, params, record: TrialRecord) -> None:
         if last:
             break
     record.steps, record.grad_evals, record.seconds = step + 1, grad_evals, seconds
+    if norms is not None:
+        record.grad_norms = {"l1": norms[: step + 1, 0].tolist(), "l2": norms[: step + 1, 1].tolist()}
     values = [v for v in record.curve["val_metric"] if math.isfinite(v)]
     record.final_val = record.curve["val_metric"][-1] if record.curve["val_metric"] else None
     if values:
         record.best_val = max(values) if workload.higher_is_better else min(values)
     record.state_bytes = _state_bytes(opt)
+
+
+def _grad_norm_pair(params: list[torch.Tensor]) -> torch.Tensor:
+    """(ℓ1, ℓ2) norms of all the gradients as one vector, as a float64 tensor (computed without a host sync)."""
+    grads = [p.grad.detach().reshape(-1).double() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(2, dtype=torch.float64)
+    return torch.stack([sum(g.abs().sum() for g in grads), torch.stack([g.square().sum() for g in grads]).sum().sqrt()])
 
 
 def _log(record, opt, task, params, step, grad_evals, seconds, train_loss, val, metric) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from optimlab.bench.plan import Suite, pending, planned_count, score
+from optimlab.bench.plan import Suite, pending, planned_count, score, source_key
 from optimlab.bench.records import TrialRecord, write_jsonl_atomic
 from optimlab.bench.runner import environment, run_trial
 from optimlab.bench.store import TrialStore
@@ -75,7 +75,10 @@ def run_worker(
                 workload = get_workload(spec.workload)
                 n = trial_threads(workload, threads, jobs)
                 torch.set_num_threads(n)
-                record = run_trial(workload, spec.optimizer, spec.hparams, spec.seed, phase=spec.phase, env={**env, "threads": n})
+                record = run_trial(
+                    workload, spec.optimizer, spec.hparams, spec.seed, phase=spec.phase, env={**env, "threads": n},
+                    schedule_source=done.get(source_key(spec) or ""),
+                )
                 store.finish(trial_id, record, score(record))
             finally:
                 stop.set()

@@ -1,11 +1,13 @@
 """A supervised classification task on in-memory tensors (digits, MNIST-1D, modular addition).
 
 Training loss: mean cross-entropy of minibatch ``step`` (``EpochBatches``: shuffled epochs, a pure function of
-``(seed, step)``). Evaluation: the whole split in one vectorized forward pass under ``torch.no_grad``; it
-returns ``"loss"`` (mean cross-entropy) and ``"accuracy"``.
+``(seed, step)``), or another loss of (logits, labels) such as StableMax's. Evaluation: the whole split in one
+vectorized forward pass under ``torch.no_grad``; it returns ``"loss"`` (the same loss) and ``"accuracy"``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +28,17 @@ class ClassificationTask:
         test: Arrays,
         batch_size: int,
         seed: int,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     ) -> None:
         self.model = model
+        self.loss = loss
         self.x, self.y = train
         self.splits = {"val": val, "test": test}
         self.batches = EpochBatches(len(self.y), batch_size, seed)
 
     def train_loss(self, step: int) -> torch.Tensor:
         idx = self.batches(step)
-        return F.cross_entropy(self.model(self.x[idx]), self.y[idx])
+        return self.loss(self.model(self.x[idx]), self.y[idx])
 
     def evaluate(self, split: str) -> dict[str, float]:
         if split not in self.splits:
@@ -43,6 +47,6 @@ class ClassificationTask:
         with evaluating(self.model):
             logits = self.model(x)
         return {
-            "loss": F.cross_entropy(logits, y).item(),
+            "loss": self.loss(logits, y).item(),
             "accuracy": (logits.argmax(-1) == y).double().mean().item(),
         }

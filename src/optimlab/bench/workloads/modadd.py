@@ -24,16 +24,19 @@ accuracy at the end); how much decay an optimizer applies is what this workload 
 
 from __future__ import annotations
 
-from functools import lru_cache
+from dataclasses import replace
+from functools import lru_cache, partial
 
 import torch
+import torch.nn.functional as F
 
 from optimlab.bench.workloads._common import generator, seeded_init
 from optimlab.bench.workloads.base import Workload
 from optimlab.bench.workloads.classification import Arrays, ClassificationTask
 from optimlab.bench.workloads.transformer import Transformer
+from optimlab.nn.stablemax import stablemax_cross_entropy
 
-__all__ = ["MODADD_GROKKING", "ModAddModel", "modadd_splits"]
+__all__ = ["MODADD_GROKKING", "MODADD_GROKKING_STABLEMAX", "ModAddModel", "modadd_splits"]
 
 P, TRAIN_FRACTION, BATCH_SIZE = 97, 0.5, 512
 
@@ -61,9 +64,9 @@ def modadd_splits() -> tuple[Arrays, Arrays, Arrays]:
     return tuple((x[idx], y[idx]) for idx in parts)  # type: ignore[return-value]
 
 
-def _build(seed: int) -> ClassificationTask:
+def _build(seed: int, loss=F.cross_entropy) -> ClassificationTask:
     train, val, test = modadd_splits()
-    return ClassificationTask(seeded_init(ModAddModel, seed), train, val, test, BATCH_SIZE, seed)
+    return ClassificationTask(seeded_init(ModAddModel, seed), train, val, test, BATCH_SIZE, seed, loss)
 
 
 MODADD_GROKKING = Workload(
@@ -78,4 +81,13 @@ MODADD_GROKKING = Workload(
     build=_build,
     quick=False,
     threads=2,
+)
+
+# The same task trained with the StableMax cross-entropy (arXiv 2501.04697), the paper's remedy for softmax
+# collapse; validation "loss" is then StableMax's too (accuracy, the target's metric, is the same).
+MODADD_GROKKING_STABLEMAX = replace(
+    MODADD_GROKKING,
+    name="modadd-grokking-stablemax",
+    description=MODADD_GROKKING.description + ", StableMax cross-entropy",
+    build=partial(_build, loss=stablemax_cross_entropy),
 )
