@@ -6,7 +6,10 @@ A wrapper holds an inner optimizer (ours, torch's or a peer's) and *is* that opt
 On ``step()`` the wrapper hands the inner optimizer transformed gradients and puts the caller's gradients back
 afterwards: ``p.grad`` is the same tensor, with the same values, before and after ``step()``.
 
-A subclass implements ``_transform(group, params, grads) -> new_grads`` (out of place).
+A subclass implements ``_transform(group, params, grads) -> new_grads`` (out of place), called once per param group
+that has gradients. A transform that couples param groups (a threshold over every gradient of the model, as
+coordinate-wise clipping takes) overrides ``_transform_all(batches) -> new_grads_per_batch`` instead, which sees
+every group's ``(group, params, grads)`` at once; its default calls ``_transform`` per group.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from optimlab._core.validation import check_hyperparameters
 if TYPE_CHECKING:
     from optimlab.registry import MethodInfo
 
-__all__ = ["OptimizerWrapper"]
+__all__ = ["Batch", "OptimizerWrapper"]
+
+# one param group with gradients: the group, its parameters that have a gradient, and those gradients
+Batch = tuple[dict[str, Any], list[Tensor], list[Tensor]]
 
 
 class OptimizerWrapper(torch.optim.Optimizer):
@@ -104,14 +110,16 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Evaluate ``closure`` (if given), transform the gradients, step the inner optimizer, restore grads."""
         loss = evaluate_closure(closure)
+        batches: list[Batch] = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                batches.append((group, params, [p.grad for p in params]))
+        transformed = self._transform_all(batches)
         saved: list[tuple[Tensor, Tensor]] = []
         try:
-            for group in self.param_groups:
-                params = [p for p in group["params"] if p.grad is not None]
-                if not params:
-                    continue
-                grads = [p.grad for p in params]
-                for p, g in zip(params, self._transform(group, params, grads)):
+            for (_, params, _), new_grads in zip(batches, transformed, strict=True):
+                for p, g in zip(params, new_grads, strict=True):
                     saved.append((p, p.grad))
                     p.grad = g
             self.optimizer.step()
@@ -119,6 +127,11 @@ class OptimizerWrapper(torch.optim.Optimizer):
             for p, g in saved:
                 p.grad = g
         return loss
+
+    def _transform_all(self, batches: list[Batch]) -> list[list[Tensor]]:
+        """New gradients for every batch ``(group, params, grads)`` (one per param group with gradients), out of
+        place. Override for a transform that couples groups; the default transforms each group on its own."""
+        return [self._transform(group, params, grads) for group, params, grads in batches]
 
     def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
