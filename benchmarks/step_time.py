@@ -71,9 +71,13 @@ def contenders() -> list[Contender]:
     # every optimizer and wrapper in optimlab's registry (wrappers around torch's foreach AdamW)
     special = {"lionk": ("(sign)", "lion", {"kappa": "sign"})}
     for name in optimlab.available("optimizer"):
+        info = optimlab.get(name)
+        if info.capabilities.needs_closure:  # its step re-evaluates the model: not a step-time comparison
+            continue
         suffix, algorithm, kw = special.get(name, ("", name, {}))
-        label = f"optimlab.{optimlab.get(name).cls.__name__}{suffix}"
-        make = partial(optimlab.create, name, weight_decay=WEIGHT_DECAY, **kw)
+        label = f"optimlab.{info.cls.__name__}{suffix}"
+        decay = {"weight_decay": WEIGHT_DECAY} if "weight_decay" in info.defaults else {}
+        make = partial(optimlab.create, name, **decay, **kw)
         rows.append(Contender(label, algorithm, "optimlab", make))
         rows.append(Contender(f"{label} eager", algorithm, "optimlab", make, kernels="eager"))
     for name in optimlab.available("wrapper"):

@@ -99,9 +99,19 @@ def _public_class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+ENTRY_POINTS = {  # the methods a user calls, by kind
+    "optimizer": ["step"],
+    "wrapper": ["step"],
+    "solver": ["run", "update", "init_state", "optimality_fun"],
+    "loss": ["forward"],
+    "layer": ["forward"],
+}
+
+
 def _class_members(info: Any) -> list[str]:
-    """``step`` plus the public methods a user calls on this class (ones it defines, ``generator`` if random)."""
-    members = ["step"]
+    """The kind's entry points plus the public methods a user calls on this class (ones it defines,
+    ``generator`` if random)."""
+    members = list(ENTRY_POINTS.get(info.kind, []))
     for klass in info.cls.__mro__:
         if not klass.__module__.startswith("optimlab") or klass.__module__.startswith("optimlab._core"):
             continue
@@ -166,6 +176,28 @@ def method_page(info: Any, index_module: bool) -> str:
             f"    opt = {cls_path}(torch.optim.AdamW(model.parameters(), lr=1e-3))",
             "",
         ]
+    elif info.kind == "solver":
+        lines += [
+            "    import torch",
+            "",
+            f"    solver = {cls_path}(features, labels)",
+            "    x, state = solver.run(torch.zeros(features.shape[1], dtype=features.dtype))",
+            "",
+        ]
+    elif info.kind in ("loss", "layer"):
+        lines += [
+            f"    criterion = {cls_path}()",
+            "    loss = criterion(model(x), y)",
+            "",
+        ]
+    elif info.capabilities.needs_closure:
+        lr = _number(info.defaults.get("lr", 1e-3))
+        lines += [
+            f"    opt = {cls_path}(model.parameters(), lr={lr})",
+            "    # the closure returns the model's outputs on the batch and the loss as a function of them",
+            "    opt.step(lambda: (model(x), lambda out: torch.nn.functional.mse_loss(out, y, reduction='sum')))",
+            "",
+        ]
     else:
         lr = _number(info.defaults.get("lr", 1e-3))
         lines += [
@@ -217,7 +249,7 @@ def method_page(info: Any, index_module: bool) -> str:
     )
     if info.exemptions:
         lines += _title("Conformance exemptions", "-")
-        lines += ["The conformance battery checks the documented error instead for:", ""]
+        lines += ["The conformance battery does not hold the method to these checks, for the reasons given:", ""]
         lines += [f"- ``{check}``: {_escape(reason)}" for check, reason in info.exemptions.items()]
         lines += [""]
 

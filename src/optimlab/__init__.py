@@ -1,25 +1,42 @@
 """optimlab: optimization methods from recent machine-learning research, faithful, fast and tested.
 
 Every method is a registry entry (:mod:`optimlab.registry`); :func:`create` builds one by name and
-:func:`available` lists them.
+:func:`available` lists them. Schedules and learning-rate rules live in :mod:`optimlab.schedules`, losses and
+layers in :mod:`optimlab.nn`, solvers in :mod:`optimlab.solvers`, per-sample gradients in
+:mod:`optimlab.per_sample`.
 """
 
+from optimlab.nn.stablemax import StableMaxCrossEntropyLoss
+from optimlab.optim.adadagrad import AdaGradNorm
 from optimlab.optim.adan import Adan
+from optimlab.optim.coord_clipped import CoordClippedAdam, CoordClippedLion, CoordClippedSGD, CoordClippedSignSGD
 from optimlab.optim.diffgrad import DiffGrad
 from optimlab.optim.exadam import EXAdam
 from optimlab.optim.lion import Lion, LionK
+from optimlab.optim.sso import SSO
 from optimlab.registry import REGISTRY, MethodInfo, available, create, get
+from optimlab.solvers.normalized_lrgd import NormalizedLRGD
+from optimlab.transforms.coord_clip import CoordClip
 from optimlab.transforms.orthograd import OrthoGrad
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGradNorm",
     "Adan",
+    "CoordClip",
+    "CoordClippedAdam",
+    "CoordClippedLion",
+    "CoordClippedSGD",
+    "CoordClippedSignSGD",
     "DiffGrad",
     "EXAdam",
     "Lion",
     "LionK",
+    "NormalizedLRGD",
     "OrthoGrad",
+    "SSO",
+    "StableMaxCrossEntropyLoss",
     "REGISTRY",
     "MethodInfo",
     "available",

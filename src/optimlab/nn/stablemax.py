@@ -23,6 +23,14 @@ overflow, and no inf in the branch :func:`torch.where` would not select (which w
 :math:`x = 1`). The official code evaluates the ratio directly in float64; here the input's dtype is kept
 (float16/bfloat16 are computed in float32), or ``dtype`` asks for another, e.g. ``torch.float64`` as the
 official code does.
+
+Hyperparameters (defaults) of :class:`StableMaxCrossEntropyLoss`: ``reduction`` "mean" (the paper's; "sum" and
+"none" as in torch), ``dtype`` None (the logits' own, float32 for float16/bfloat16).
+
+Coming from ``nn.CrossEntropyLoss``: a drop-in replacement on the same logits and integer labels. It is the
+paper's remedy for softmax collapse; against the other cause it identifies, naive loss minimisation (the
+gradient turning into a scaling of the weights), the paper adds ⊥Grad
+(:class:`~optimlab.transforms.orthograd.OrthoGrad`), and trains without weight decay.
 """
 
 from __future__ import annotations
@@ -71,7 +79,7 @@ def stablemax_cross_entropy(
 
 
 class StableMaxCrossEntropyLoss(torch.nn.Module):
-    """:func:`stablemax_cross_entropy` as a loss module, a drop-in for ``torch.nn.CrossEntropyLoss``."""
+    __doc__ = __doc__
 
     def __init__(self, reduction: str = "mean", dtype: torch.dtype | None = None) -> None:
         super().__init__()
