@@ -35,6 +35,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 2 (a schedule has a first and a last step), got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("l1", "l2"),
         help="which logged norm to use (default: l2 for SGD, l1 for every other optimizer, as in the paper's runs)",
     )
-    refine.add_argument("--steps", type=_positive, help="length of the schedule (default: the source trial's steps)")
+    refine.add_argument("--steps", type=_at_least_two, help="length of the schedule (default: the source trial's steps)")
     refine.add_argument(
         "--tau",
         type=float,

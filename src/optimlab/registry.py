@@ -60,10 +60,15 @@ class MethodInfo:
     capabilities: Capabilities = Capabilities()
     exemptions: Mapping[str, str] = field(default_factory=dict)
     advice: str = ""
+    # how the learning rate scales with the batch size (arXiv 2006.09092): "linear" for SGD-like steps,
+    # "sqrt" for adaptive (Adam-type) ones, None where the theory says nothing (sign methods, ...)
+    batch_scaling: Literal["linear", "sqrt"] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Invalid kind: {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.batch_scaling not in (None, "linear", "sqrt"):
+            raise ValueError(f"Invalid batch_scaling: {self.batch_scaling!r}; expected 'linear', 'sqrt' or None")
         unknown = set(self.hyperparameters) - set(self.defaults)
         if unknown:
             raise ValueError(f"{self.name}: rules for arguments the class does not take: {sorted(unknown)}")

@@ -21,6 +21,11 @@ def test_parse_names_fixed_hyperparameters_wrappers_and_schedules() -> None:
     assert parse_spec(str(spec)) == spec  # str() writes the spec back
     assert parse_spec("tests.bench.test_cli:ExplodingSGD").name == "tests.bench.test_cli:ExplodingSGD"
     assert linear_source("torch:AdamW[weight_decay=0]@refined") == "torch:AdamW[weight_decay=0]@linear"
+    # SGD-like optimizers are refined from ℓ2 norms (weights Ĝ⁻²), the others from ℓ1 norms, however named
+    for sgd in ("sgd", "torch:SGD", "torch.optim:SGD", "coordclip_sgd", "orthograd(sgd[momentum=0.9])"):
+        assert parse_spec(sgd + "@refined").refinement_norm == "l2", sgd
+    for adaptive in ("torch:AdamW", "adan", "lion", "coordclip_adam"):
+        assert parse_spec(adaptive + "@refined").refinement_norm == "l1", adaptive
 
 
 @pytest.mark.parametrize(
@@ -30,6 +35,8 @@ def test_parse_names_fixed_hyperparameters_wrappers_and_schedules() -> None:
         ("adan[lr=1]", "cannot be fixed"),
         ("adan[weight_decay]", "key=value"),
         ("adan[weight_decay=zero]", "not a Python literal"),
+        ("adan[betas={[]:1}]", "not a Python literal"),
+        ("sgd[momentum=0.9,momentum=0.5]", "given twice"),
         ("orthograd(adan", "optimizer name"),
         ("adan]", "unbalanced"),
         ("", "invalid optimizer spec"),

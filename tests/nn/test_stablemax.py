@@ -82,3 +82,32 @@ def test_bad_input():
         StableMaxCrossEntropyLoss(reduction="avg")
     with pytest.raises(TypeError, match="floating-point"):
         stablemax(torch.arange(3))
+
+
+def test_gradient_at_zero_logits_is_the_closed_form():
+    """s'(0) = 1, so zero logits (a zero-initialised head) get the gradient p - onehot of a uniform p."""
+    x = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    stablemax_cross_entropy(x, torch.tensor([0, 2]), reduction="sum").backward()
+    expected = torch.full((2, 3), 1 / 3, dtype=torch.float64)
+    expected[0, 0] -= 1
+    expected[1, 2] -= 1
+    torch.testing.assert_close(x.grad, expected, rtol=1e-14, atol=1e-15)
+    # and everywhere, against the literal formula's gradient
+    z = torch.randn(4, 5, dtype=torch.float64).mul(3).round().requires_grad_()  # integer values, zeros included
+    ours = torch.autograd.grad(log_stablemax(z).sum(), z)[0]
+    zz = z.detach().requires_grad_()
+    reference = torch.autograd.grad(direct_stablemax(zz).log().sum(), zz)[0]
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_classes_along_dim_1_as_cross_entropy():
+    logits = torch.randn(2, 4, 3, dtype=torch.float64)  # (N, C, d1)
+    target = torch.randint(0, 4, (2, 3))
+    per_position = torch.stack(
+        [stablemax_cross_entropy(logits[:, :, j], target[:, j], reduction="none") for j in range(3)], dim=1
+    )
+    torch.testing.assert_close(stablemax_cross_entropy(logits, target, reduction="none"), per_position)
+    single = torch.randn(5, dtype=torch.float64)
+    torch.testing.assert_close(stablemax_cross_entropy(single, torch.tensor(2)), -direct_stablemax(single).log()[2])
+    with pytest.raises(TypeError, match="integer class indices"):
+        stablemax_cross_entropy(logits, torch.rand(2, 4, 3))

@@ -317,10 +317,30 @@ def test_one_accumulator_whatever_the_grouping() -> None:
 
 def test_shared_hyperparameters_cannot_differ_per_group() -> None:
     opt = AdaGradNorm([nn.Parameter(torch.zeros(2))])
-    with pytest.raises(ValueError, match="Invalid initial_accumulator_value.*constructor"):
+    with pytest.raises(ValueError, match="Invalid initial_accumulator_value.*first group"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "initial_accumulator_value": 1.0})
     with pytest.raises(ValueError, match="Invalid eps"):
         AdaGradNorm([nn.Parameter(torch.zeros(2))], eps=-1.0)
+
+
+def test_a_checkpoint_resumes_with_its_own_shared_hyperparameters() -> None:
+    """eps and the initial accumulator live in the param groups: a loaded checkpoint's values are the ones used."""
+    grads = [torch.randn(3, dtype=torch.float64) for _ in range(4)]
+
+    def run(opt, p, gs):
+        for g in gs:
+            p.grad = g.clone()
+            opt.step()
+
+    p = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    saved = AdaGradNorm([p], eps=1e-3, initial_accumulator_value=0.5)
+    run(saved, p, grads[:2])
+    q = nn.Parameter(p.detach().clone())
+    resumed = AdaGradNorm([q])  # the defaults, then the checkpoint
+    resumed.load_state_dict(saved.state_dict())
+    run(saved, p, grads[2:])
+    run(resumed, q, grads[2:])
+    assert torch.equal(p, q)
 
 
 def test_adagrad_norm_converges_on_an_ill_conditioned_quadratic() -> None:

@@ -160,7 +160,7 @@ def test_unclipped_adam_is_torch_adam() -> None:
 
 
 def test_unclipped_lion_is_lion() -> None:
-    ours, _ = run(CoordClippedLion, clip_update=1.0)
+    ours, _ = run(CoordClippedLion, fraction=0.0)
     theirs, _ = run(Lion)
     assert all(map(torch.equal, ours, theirs))
 
@@ -244,7 +244,7 @@ def test_compiled_kernels_agree_with_eager(cls, kwargs, kernel) -> None:
 
 def test_global_options_cannot_differ_between_groups() -> None:
     params = make_params()
-    with pytest.raises(ValueError, match=r"Invalid fraction: 0.2; expected the constructor's value 0.1"):
+    with pytest.raises(ValueError, match=r"Invalid fraction: 0.2 in a param group; expected 0.1"):
         CoordClippedSGD([{"params": params[:2]}, {"params": params[2:], "fraction": 0.2}], fraction=0.1)
     opt = CoordClippedAdam([{"params": params[:2]}, {"params": params[2:]}], fraction=0.5)
     opt.param_groups[1]["clip_update"] = 0.5
@@ -302,7 +302,7 @@ def test_registry_entries_and_create() -> None:
     # the fractions of the paper's runs (algorithm_list.py)
     assert optimlab.get("coordclip_sgd").defaults["fraction"] == optimlab.get("coordclip_signsgd").defaults["fraction"] == 0.1
     assert (optimlab.get("coordclip_adam").defaults["fraction"], optimlab.get("coordclip_adam").defaults["clip_update"]) == (0.5, 0.0)
-    assert (optimlab.get("coordclip_lion").defaults["fraction"], optimlab.get("coordclip_lion").defaults["clip_update"]) == (0.0, 0.5)
+    assert (optimlab.get("coordclip_lion").defaults["fraction"], optimlab.get("coordclip_lion").defaults["clip_update"]) == (0.1, 1.0)
     assert optimlab.get("coordclip").defaults["fraction"] == 0.1
     opt = optimlab.create("coordclip_adam", torch.nn.Linear(2, 2), lr=3e-3, fraction=0.5)
     assert isinstance(opt, CoordClippedAdam) and opt.defaults["fraction"] == 0.5

@@ -66,6 +66,9 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     state_version: ClassVar[int] = 1
     # the method's functional core, ``core(params, grads, states, **hyperparameters)``
     functional: ClassVar[Callable[..., None]]
+    # hyperparameters of something all param groups share (a global clip threshold, one accumulator, one
+    # surrogate): every group must hold the same value, read at each step by ``_shared()``
+    shared_hyperparameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._generator: torch.Generator | None = None
@@ -74,7 +77,28 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     # -- validation -------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_hyperparameters(self.info.hyperparameters, {**self.defaults, **param_group})
+        if self.param_groups:
+            first = self.param_groups[0]
+            for key in self.shared_hyperparameters:
+                if param_group.get(key, self.defaults[key]) != first[key]:
+                    raise ValueError(
+                        f"Invalid {key}: {param_group[key]!r} in a param group; expected {first[key]!r}, the first "
+                        f"group's ({type(self).__name__}'s {key} acts over all param groups at once)"
+                    )
         super().add_param_group(param_group)
+
+    def _shared(self) -> dict[str, Any]:
+        """The shared hyperparameters' values, from the param groups (so a loaded checkpoint's values count);
+        ``RuntimeError`` if a group was changed to differ from the first."""
+        first = self.param_groups[0]
+        for group in self.param_groups[1:]:
+            for key in self.shared_hyperparameters:
+                if group[key] != first[key]:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: {key} differs between param groups ({first[key]!r} and "
+                        f"{group[key]!r}); it acts over all groups at once, so give every group the same value"
+                    )
+        return {key: first[key] for key in self.shared_hyperparameters}
 
     # -- randomness -------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:

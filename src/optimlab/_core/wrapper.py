@@ -44,6 +44,12 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 f"{type(self).__name__} wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}; "
                 f"build the optimizer first, e.g. {type(self).__name__}(torch.optim.AdamW(model.parameters()))"
             )
+        inner_info = getattr(type(optimizer), "info", None)
+        if inner_info is not None and inner_info.capabilities.needs_closure:
+            raise TypeError(
+                f"{type(self).__name__} transforms gradients before an optimizer's step; "
+                f"{type(optimizer).__name__} computes its own from a special closure, so there is nothing to wrap"
+            )
         check_hyperparameters(self.info.hyperparameters, options)
         # Deliberately not calling Optimizer.__init__: the groups and state are the inner optimizer's.
         self.optimizer = optimizer

@@ -93,6 +93,11 @@ def lr_factor(spec: str | OptimizerSpec, total: int, source: TrialRecord | None 
                 f"no gradient-norm log to refine {parsed} from: the linear-decay trial at this learning rate "
                 f"{'is missing' if source is None else 'did not finish (' + source.status + ')'}"
             )
+        if len(norms) != total:
+            raise ValueError(
+                f"the linear-decay trial's gradient-norm log covers {len(norms)} of {total} steps (it stopped at "
+                "the wall-clock budget): a refined schedule needs a log of the whole run"
+            )
         multipliers = refine(norms, norm=norm, steps=total).tolist()
         return lambda t: multipliers[min(t, total - 1)]
 
@@ -108,15 +113,6 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(
         v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
     )
-
-
-def _grad_norms(params: list[torch.Tensor]) -> tuple[float, float]:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0, 0.0
-    l1 = sum(float(g.abs().sum()) for g in grads)
-    l2 = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
-    return l1, l2
 
 
 def run_trial(
@@ -181,7 +177,10 @@ def _train(workload, task, opt, schedule, params, record: TrialRecord, *, log_no
     grad_evals = 0
     step = 0
     # per-step ℓ1 and ℓ2 norms of the gradient each step used, kept on the device until the end (no sync per step)
-    norms = torch.full((workload.max_steps, 2), math.nan, dtype=torch.float64) if log_norms else None
+    norms = None
+    if log_norms:
+        device = params[0].device
+        norms = torch.full((workload.max_steps, 2), math.nan, dtype=_norm_dtype(device), device=device)
 
     def closure() -> torch.Tensor:
         nonlocal grad_evals
@@ -215,7 +214,8 @@ def _train(workload, task, opt, schedule, params, record: TrialRecord, *, log_no
             break
     record.steps, record.grad_evals, record.seconds = step + 1, grad_evals, seconds
     if norms is not None:
-        record.grad_norms = {"l1": norms[: step + 1, 0].tolist(), "l2": norms[: step + 1, 1].tolist()}
+        logged = norms[: step + 1].cpu()
+        record.grad_norms = {"l1": logged[:, 0].tolist(), "l2": logged[:, 1].tolist()}
     values = [v for v in record.curve["val_metric"] if math.isfinite(v)]
     record.final_val = record.curve["val_metric"][-1] if record.curve["val_metric"] else None
     if values:
@@ -223,16 +223,24 @@ def _train(workload, task, opt, schedule, params, record: TrialRecord, *, log_no
     record.state_bytes = _state_bytes(opt)
 
 
+def _norm_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
 def _grad_norm_pair(params: list[torch.Tensor]) -> torch.Tensor:
-    """(ℓ1, ℓ2) norms of all the gradients as one vector, as a float64 tensor (computed without a host sync)."""
-    grads = [p.grad.detach().reshape(-1).double() for p in params if p.grad is not None]
+    """(ℓ1, ℓ2) norms of all the gradients as one vector on the parameters' device (no host sync)."""
+    device = params[0].device
+    dtype = _norm_dtype(device)
+    grads = [p.grad.detach().reshape(-1) for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(2, dtype=torch.float64)
-    return torch.stack([sum(g.abs().sum() for g in grads), torch.stack([g.square().sum() for g in grads]).sum().sqrt()])
+        return torch.zeros(2, dtype=dtype, device=device)
+    l1 = torch.stack([g.abs().sum(dtype=dtype) for g in grads]).sum()
+    l2 = torch.stack([g.to(dtype).square().sum() for g in grads]).sum().sqrt()
+    return torch.stack([l1, l2])
 
 
 def _log(record, opt, task, params, step, grad_evals, seconds, train_loss, val, metric) -> None:
-    l1, l2 = _grad_norms(params)
+    l1, l2 = _grad_norm_pair(params).tolist()
     row = {
         "step": step,
         "grad_evals": grad_evals,

@@ -33,7 +33,6 @@ from typing import Any
 __all__ = ["SCHEDULES", "OptimizerSpec", "linear_source", "parse_spec"]
 
 SCHEDULES = ("cosine", "linear", "refined")
-SGD_STYLE = ("sgd", "torch:SGD")  # refinement weights Ĝ⁻² (ℓ2 norms); every other optimizer is treated as adaptive
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,11 @@ class OptimizerSpec:
 
     @property
     def refinement_norm(self) -> str:
-        """The gradient norm whose log the refined schedule is computed from ("l2" for SGD, else "l1")."""
-        return "l2" if self.innermost.name in SGD_STYLE else "l1"
+        """The gradient norm whose log the refined schedule is computed from: "l2" for SGD-like optimizers
+        (:func:`optimlab.schedules.is_sgd_like`), else "l1"."""
+        from optimlab.schedules.rules import is_sgd_like
+
+        return "l2" if is_sgd_like(self.innermost.name) else "l1"
 
     def with_schedule(self, schedule: str) -> OptimizerSpec:
         return replace(self, schedule=schedule)
@@ -141,9 +143,11 @@ def _parse_fixed(body: str, fail) -> dict[str, Any]:
         raise fail(f"[{body}] is not a list of key=value")
     fixed = {}
     for keyword in call.keywords:
+        if keyword.arg in fixed:
+            raise fail(f"{keyword.arg} is given twice")
         try:
             fixed[keyword.arg] = ast.literal_eval(keyword.value)
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise fail(f"the value of {keyword.arg} is not a Python literal") from None
     if "lr" in fixed:
         raise fail("the learning rate is tuned by the bench and cannot be fixed in the spec")

@@ -18,7 +18,7 @@ logits.
 
 Computation. :math:`\log s(x) = \operatorname{sign}(x)\log(1 + \lvert x\rvert)`, and Proposition 1 of the paper
 gives :math:`\operatorname{StableMax}(x) = \operatorname{Softmax}(\log s(x))`; so log-StableMax is
-``log_softmax(sign(x) * log1p(|x|))``. That is one fused, max-shifted reduction: no division by a sum that can
+``log_softmax`` of :func:`log_s`. That is one fused, max-shifted reduction: no division by a sum that can
 overflow, and no inf in the branch :func:`torch.where` would not select (which would poison the gradient at
 :math:`x = 1`). The official code evaluates the ratio directly in float64; here the input's dtype is kept
 (float16/bfloat16 are computed in float32), or ``dtype`` asks for another, e.g. ``torch.float64`` as the
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from optimlab.registry import MethodInfo, register
 
-__all__ = ["StableMaxCrossEntropyLoss", "log_stablemax", "stablemax", "stablemax_cross_entropy", "stablemax_s"]
+__all__ = ["StableMaxCrossEntropyLoss", "log_s", "log_stablemax", "stablemax", "stablemax_cross_entropy", "stablemax_s"]
 
 
 def stablemax_s(x: Tensor) -> Tensor:
@@ -57,10 +57,15 @@ def _working(x: Tensor, dtype: torch.dtype | None) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def log_s(x: Tensor) -> Tensor:
+    """:math:`\\log s(x) = \\operatorname{sign}(x)\\log(1 + \\lvert x\\rvert)`, written with clamps so that its
+    gradient at 0 is :math:`s'(0)/s(0) = 1` (``sign(x) * log1p(|x|)`` would give autograd's 0 there)."""
+    return torch.where(x >= 0, torch.log1p(x.clamp(min=0)), -torch.log1p(-x.clamp(max=0)))
+
+
 def log_stablemax(x: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> Tensor:
     """:math:`\\log \\operatorname{StableMax}(x)` along ``dim``."""
-    x = _working(x, dtype)
-    return torch.log_softmax(torch.sign(x) * torch.log1p(x.abs()), dim=dim)
+    return torch.log_softmax(log_s(_working(x, dtype)), dim=dim)
 
 
 def stablemax(x: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> Tensor:
@@ -71,11 +76,15 @@ def stablemax(x: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> 
 def stablemax_cross_entropy(
     logits: Tensor, target: Tensor, *, reduction: str = "mean", dtype: torch.dtype | None = None
 ) -> Tensor:
-    """Cross-entropy of log-StableMax: ``logits`` of shape (N, C) (or (C,)), integer class ``target`` of shape
-    (N,) (or ()); ``reduction`` "mean" (default, as the paper), "sum" or "none"."""
+    """Cross-entropy of log-StableMax, shaped as :func:`torch.nn.functional.cross_entropy` with class indices:
+    ``logits`` (C,), (N, C) or (N, C, d1, ...), the classes along dim 1 (0 for a single example), integer
+    ``target`` (), (N,) or (N, d1, ...); ``reduction`` "mean" (default, as the paper), "sum" or "none"."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"Invalid reduction: {reduction!r}; expected 'mean', 'sum' or 'none'")
-    return F.nll_loss(log_stablemax(logits, dim=-1, dtype=dtype), target, reduction=reduction)
+    if target.is_floating_point():
+        raise TypeError("stablemax_cross_entropy takes integer class indices as target, not probabilities")
+    class_dim = 0 if logits.dim() == 1 else 1
+    return F.nll_loss(log_stablemax(logits, dim=class_dim, dtype=dtype), target, reduction=reduction)
 
 
 class StableMaxCrossEntropyLoss(torch.nn.Module):

@@ -193,8 +193,8 @@ def _orthogonal_variance(blocks: list[Tensor], means: list[Tensor], coefficients
     """:math:`\\sum_j \\operatorname{Var}_i (g_i - c_i \\bar g)_j` with ``coefficients[l]`` the :math:`c_i` of block l."""
     total = 0
     for g, m, c in zip(blocks, means, coefficients):
-        residual = g - c.to(g.dtype)[:, None] * m[None, :]
-        total = total + torch.var(residual, dim=0, correction=1).sum(dtype=dtype).to(blocks[0].device)
+        residual = g.to(dtype) - c.to(dtype)[:, None] * m.to(dtype)[None, :]
+        total = total + torch.var(residual, dim=0, correction=1).sum().to(blocks[0].device)
     return total
 
 
@@ -204,7 +204,8 @@ def norm_test(per_sample_grads: PerSampleGrads, eta: float = 0.1) -> TestResult:
     _check_positive("eta", eta)
     blocks, b = _blocks(per_sample_grads)
     means, norm_sq, dtype = _moments(blocks)
-    variance = sum(torch.var(g, dim=0, correction=1).sum(dtype=dtype).to(norm_sq.device) for g in blocks)
+    # in the accumulation dtype: 16-bit per-sample gradients would overflow their squared deviations
+    variance = sum(torch.var(g.to(dtype), dim=0, correction=1).sum().to(norm_sq.device) for g in blocks)
     variance, norm_sq = torch.stack([variance, norm_sq]).tolist()
     return TestResult("norm", _ratio(variance, eta**2 * norm_sq), b, norm_sq, variance)
 
@@ -493,7 +494,7 @@ def adagrad_norm_(
 class AdaGradNorm(OptimlabOptimizer):
     __doc__ = __doc__
     functional = staticmethod(adagrad_norm_)
-    _SHARED = ("eps", "initial_accumulator_value")  # properties of the one accumulator, not of a group
+    shared_hyperparameters = ("eps", "initial_accumulator_value")  # of the one accumulator, not of a group
 
     def __init__(
         self,
@@ -507,15 +508,6 @@ class AdaGradNorm(OptimlabOptimizer):
             params,
             dict(lr=lr, eps=eps, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value),
         )
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for name in self._SHARED:
-            if name in self.defaults and name in param_group and param_group[name] != self.defaults[name]:
-                raise ValueError(
-                    f"Invalid {name}: {param_group[name]!r} in a param group; expected the constructor's value "
-                    f"{self.defaults[name]!r} (one accumulator serves all groups: set it in the constructor)"
-                )
-        super().add_param_group(param_group)
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"sum_sq": torch.zeros((), dtype=state_dtype(p), device=p.device)}
@@ -533,10 +525,7 @@ class AdaGradNorm(OptimlabOptimizer):
         stepping = set(map(id, params))
         # parameters without a gradient now, whose past gradients count (``get`` adds no empty state)
         idle = [s for g in self.param_groups for p in g["params"] if id(p) not in stepping and (s := self.state.get(p))]
-        adagrad_norm_(
-            work, grads, states, lr=lrs, weight_decay=decays, eps=self.defaults["eps"],
-            initial_accumulator_value=self.defaults["initial_accumulator_value"], idle_states=idle,
-        )  # fmt: skip
+        adagrad_norm_(work, grads, states, lr=lrs, weight_decay=decays, idle_states=idle, **self._shared())
         for p, w in zip(params, work):
             if w is not p:
                 p.copy_(w)
@@ -558,6 +547,7 @@ register(
             "initial_accumulator_value": NON_NEGATIVE,
         },
         lr_range=(1e-2, 1e1),
+        batch_scaling="sqrt",
         capabilities=Capabilities(global_state=True),
         exemptions={
             "param_groups": "one accumulator over all groups: grouped parameters are not separate optimizers",

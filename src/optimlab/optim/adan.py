@@ -189,6 +189,7 @@ register(
             "restart_every": Interval(0, integer=True),
         },
         lr_range=(5e-4, 5e-1),
+        batch_scaling="sqrt",
         capabilities=Capabilities(global_state=True),
         advice="Peak learning rate 5-10x AdamW's (authors' tip); weight decay 0.02 with the proximal form.",
     )

@@ -60,15 +60,15 @@ Hyperparameters (defaults):
   ``threshold_scale`` 1.0. CoordClippedSignSGD: the same.
 - CoordClippedAdam: ``lr`` 1e-3, ``betas`` (0.9, 0.999), ``eps`` 1e-8, ``weight_decay`` 0.0, ``fraction`` 0.5,
   ``clip_update`` 0.0, ``threshold_scale`` 1.0.
-- CoordClippedLion: ``lr`` 1e-4, ``betas`` (0.9, 0.99), ``weight_decay`` 0.0, ``fraction`` 0.0, ``clip_update``
-  0.5, ``threshold_scale`` 1.0.
+- CoordClippedLion: ``lr`` 1e-4, ``betas`` (0.9, 0.99), ``weight_decay`` 0.0, ``fraction`` 0.1, ``clip_update``
+  1.0 (the sign), ``threshold_scale`` 1.0.
 
 ``fraction``, ``clip_update`` and ``threshold_scale`` act over all param groups at once, so they are set in the
 constructor and cannot differ between groups. **The defaults are the fractions of the paper's runs**
-(``algorithm_list.py``): ``fraction`` 0.1 for SGD (and normalized SGD; the paper runs no clipped signSGD, which
-takes SGD's), 0.5 for Adam (and Adafactor), each in its convergence runs; Lion is clipped only through
-``clip_update`` 0.5 (its landscape runs; Adam's ``clip_update`` 0.5 run is a separate configuration, off by
-default here); ``threshold_scale`` 1. Fraction 0 (the official classes' ``coordinate_clip`` default) turns a clip
+(``algorithm_list.py``): ``fraction`` 0.1 for SGD (and normalized SGD), 0.5 for Adam (and Adafactor), each in
+its convergence runs; ``threshold_scale`` 1. The paper trains no clipped signSGD or Lion: their gradient clip
+takes SGD's 0.1 here, and Lion keeps its sign (``clip_update`` 1) so that Lion's learning rates stay right; the
+landscape runs' ``clip_update`` 0.5 (for Adam and Lion) is an option, off by default. Fraction 0 (the official classes' ``coordinate_clip`` default) turns a clip
 off. Learning rates of the convergence runs (machine translation): 5e-3 for clipped SGD (1e-3 unclipped), 3e-3
 for clipped Adam (2e-3), 2e-3 for Lion and signSGD; (autoregressive) 1.5e-4 for clipped Adam (1e-4).
 
@@ -272,18 +272,9 @@ def coord_clipped_lion_(
 class _CoordClipped(OptimlabOptimizer):
     """Shared plumbing: the clip couples every param group, so all groups go to the functional core at once."""
 
-    # options of the global clip (one value for all groups) and the per-group hyperparameters the core reads
-    global_options: ClassVar[tuple[str, ...]] = ("fraction", "threshold_scale")
+    # options of the global clip (shared by all groups) and the per-group hyperparameters the core reads
+    shared_hyperparameters: ClassVar[tuple[str, ...]] = ("fraction", "threshold_scale")
     group_options: ClassVar[tuple[str, ...]]
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key in self.global_options:
-            if key in param_group and param_group[key] != self.defaults[key]:
-                raise ValueError(
-                    f"Invalid {key}: {param_group[key]!r}; expected the constructor's value {self.defaults[key]!r} "
-                    f"({key} acts over all param groups at once, so set it in the constructor)"
-                )
-        super().add_param_group(param_group)
 
     def _apply(self, batches: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict]]]) -> None:
         # One batch of every group's tensors, so that the base class's handling of 16-bit parameters (float32
@@ -299,23 +290,15 @@ class _CoordClipped(OptimlabOptimizer):
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict]
     ) -> None:
-        members = group["members"]
-        options = {key: members[0][0][key] for key in self.global_options}
         groups: list[Group] = []
         start = 0
-        for member, count in members:
-            changed = [key for key in self.global_options if member[key] != options[key]]
-            if changed:
-                raise RuntimeError(
-                    f"{type(self).__name__}: {changed[0]} differs between param groups; it acts over all groups at "
-                    "once, so give every group the same value"
-                )
+        for member, count in group["members"]:
             hyper = {key: member[key] for key in self.group_options}
             hyper["lr"] = as_float(member["lr"])
             end = start + count
             groups.append((params[start:end], grads[start:end], states[start:end], hyper))
             start = end
-        type(self).functional(groups, **options)
+        type(self).functional(groups, **self._shared())
 
 
 class CoordClippedSGD(_CoordClipped):
@@ -351,7 +334,7 @@ class CoordClippedSignSGD(CoordClippedSGD):
 class CoordClippedAdam(_CoordClipped):
     __doc__ = __doc__
     functional = staticmethod(coord_clipped_adam_)
-    global_options = ("fraction", "clip_update", "threshold_scale")
+    shared_hyperparameters = ("fraction", "clip_update", "threshold_scale")
     group_options = ("betas", "eps", "weight_decay")
 
     def __init__(
@@ -385,7 +368,7 @@ class CoordClippedAdam(_CoordClipped):
 class CoordClippedLion(_CoordClipped):
     __doc__ = __doc__
     functional = staticmethod(coord_clipped_lion_)
-    global_options = ("fraction", "clip_update", "threshold_scale")
+    shared_hyperparameters = ("fraction", "clip_update", "threshold_scale")
     group_options = ("betas", "weight_decay")
 
     def __init__(
@@ -394,8 +377,8 @@ class CoordClippedLion(_CoordClipped):
         lr: float | Tensor = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
-        fraction: float = 0.0,
-        clip_update: float = 0.5,
+        fraction: float = 0.1,
+        clip_update: float = 1.0,
         threshold_scale: float = 1.0,
     ) -> None:
         super().__init__(
@@ -423,7 +406,13 @@ _SGD_RULES: dict[str, Constraint] = {
 
 
 def _register(
-    name: str, cls: type, summary: str, rules: dict[str, Constraint], lr_range: tuple[float, float], advice: str
+    name: str,
+    cls: type,
+    summary: str,
+    rules: dict[str, Constraint],
+    lr_range: tuple[float, float],
+    advice: str,
+    batch_scaling: str | None = None,
 ) -> None:
     register(
         MethodInfo(
@@ -439,6 +428,7 @@ def _register(
             capabilities=Capabilities(global_state=True),
             exemptions=GLOBAL_CLIP_EXEMPTIONS,
             advice=advice,
+            batch_scaling=batch_scaling,
         )
     )
 
@@ -451,6 +441,7 @@ _register(
     _SGD_RULES,
     (1e-5, 1e-1),
     "A ~5x larger lr than for unclipped SGD (5e-3 vs 1e-3 in the paper's runs, at its fraction 0.1, the default).",
+    batch_scaling="linear",
 )
 _register(
     "coordclip_signsgd",
@@ -468,6 +459,7 @@ _register(
     (1e-5, 1e-1),
     "Adam's lr or ~1.5x it (3e-3 vs 2e-3 in the paper's runs at its fraction 0.5, the default); the decay is L2, "
     "not decoupled.",
+    batch_scaling="sqrt",
 )
 _register(
     "coordclip_lion",
@@ -480,7 +472,7 @@ _register(
         **GLOBAL_CLIP,
         "clip_update": FRACTION,
     },
-    (1e-5, 1e-1),
-    "The default clip_update 0.5 replaces Lion's sign by a clip, so the step has the gradient's scale: retune the "
-    "lr (clip_update=1 with a fraction is Lion on the clipped gradient, at Lion's settings).",
+    (1e-5, 1e-2),
+    "Lion's settings (lr 3-10x below AdamW's); clip_update < 1 (0.5 in the paper's landscape runs) replaces the "
+    "sign by a clip, so the step takes the gradient's scale: retune the lr for it.",
 )

@@ -123,6 +123,7 @@ register(
             "friction": Choice(tuple(FRICTIONS)),
         },
         lr_range=(1e-4, 1e-1),
+        batch_scaling="sqrt",
         advice="Adam's learning rate; weight decay is L2 (coupled), so use a smaller value than AdamW's.",
     )
 )

@@ -118,6 +118,7 @@ register(
             "dynamic_lr": Flag(),
         },
         lr_range=(1e-4, 1e-1),
+        batch_scaling="sqrt",
         advice="Adam's learning-rate scale (author: 1e-3 vision, 3e-4 language); first steps are ~16x Adam's.",
     )
 )

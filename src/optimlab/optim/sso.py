@@ -159,6 +159,7 @@ def armijo_step_(
 
 class SSO(OptimlabOptimizer):
     __doc__ = __doc__
+    shared_hyperparameters = _SHARED  # one surrogate over all parameters
 
     def __init__(
         self,
@@ -176,16 +177,9 @@ class SSO(OptimlabOptimizer):
         )
 
     def _hyperparameters(self) -> dict[str, Any]:
-        first = {k: self.param_groups[0][k] for k in _SHARED}
-        for group in self.param_groups[1:]:
-            for key in _SHARED:
-                if as_float(group[key]) != as_float(first[key]):
-                    raise ValueError(
-                        f"SSO minimises one surrogate over all parameters, so {key} must be the same in every "
-                        f"param group; got {first[key]!r} and {group[key]!r}"
-                    )
-        first["lr"] = as_float(first["lr"])
-        return first
+        hp = self._shared()
+        hp["lr"] = as_float(hp["lr"])
+        return hp
 
     @staticmethod
     def _outputs(closure: Closure) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -267,7 +261,6 @@ class SSO(OptimlabOptimizer):
         if params:
             state = self.state[params[0]]
             state["step"] = state.get("step", 0) + 1
-            state["inner_step_size"] = step_size
         return loss.detach()
 
     @staticmethod

@@ -185,6 +185,11 @@ def closed_form_schedule(smoothed_norms: Tensor, *, norm: str) -> Tensor:
     if smoothed_norms.dim() != 1 or smoothed_norms.numel() < 2:
         raise ValueError("Invalid smoothed_norms: expected a 1-D tensor of at least 2 values")
     weights = smoothed_norms.to(torch.float64).pow(-2.0 if norm == "l2" else -1.0)
+    if not torch.isfinite(weights).all():
+        raise ValueError(
+            "Invalid smoothed_norms: some are too small to weight in float64 (their inverse overflows); rescale "
+            "the log (the schedule does not depend on the norms' unit)"
+        )
     later = weights.flip(0).cumsum(0).flip(0)[1:]  # later[t] = sum of the weights after t
     schedule = torch.cat([weights[:-1] * later, weights.new_zeros(1)])
     return schedule / schedule.max()

@@ -82,7 +82,6 @@ _ADAPTIVE_TORCH = (
     "SparseAdam",
     "Adafactor",
 )
-_ADAPTIVE_OPTIMLAB = ("optimlab.optim.adan:Adan", "optimlab.optim.exadam:EXAdam", "optimlab.optim.diffgrad:DiffGrad")
 
 
 def _optimizer_type(optimizer: Any) -> type:
@@ -104,20 +103,23 @@ def _optimizer_type(optimizer: Any) -> type:
     raise TypeError(f"expected an optimizer, an optimizer class or a spec string, got {type(optimizer).__name__}")
 
 
-def _adaptive_types() -> tuple[type, ...]:
-    import importlib
-
-    found = [getattr(torch.optim, name) for name in _ADAPTIVE_TORCH if hasattr(torch.optim, name)]
-    for path in _ADAPTIVE_OPTIMLAB:
-        module, _, name = path.partition(":")
-        found.append(getattr(importlib.import_module(module), name))
-    return tuple(found)
+def _rule_of(cls: type) -> str | None:
+    """"linear", "sqrt" or None for an optimizer class: optimlab's from their registry entries
+    (``MethodInfo.batch_scaling``), torch's from the lists above."""
+    info = getattr(cls, "info", None)
+    if info is not None and getattr(info, "cls", None) is cls:
+        return info.batch_scaling
+    if issubclass(cls, _SGD_LIKE):
+        return "linear"
+    if issubclass(cls, tuple(getattr(torch.optim, n) for n in _ADAPTIVE_TORCH if hasattr(torch.optim, n))):
+        return "sqrt"
+    return None
 
 
 def is_sgd_like(optimizer: Any) -> bool:
-    """True for SGD (with or without momentum) and ASGD, given as an instance, a class or a spec string
-    (``"sgd"``, ``"torch:SGD@linear"``, ``"orthograd(sgd)"``)."""
-    return issubclass(_optimizer_type(optimizer), _SGD_LIKE)
+    """True for SGD (with or without momentum), ASGD and optimlab's SGD-like methods, given as an instance, a
+    class or a spec string (``"sgd"``, ``"torch:SGD@linear"``, ``"orthograd(sgd)"``, ``"coordclip_sgd"``)."""
+    return _rule_of(_optimizer_type(optimizer)) == "linear"
 
 
 def batch_scaling_rule(optimizer: Any) -> Literal["linear", "sqrt"]:
@@ -125,10 +127,9 @@ def batch_scaling_rule(optimizer: Any) -> Literal["linear", "sqrt"]:
     methods, ``"sqrt"`` for adaptive (Adam-type) ones. Optimizers the theory does not cover (sign methods such
     as Lion, second-order methods) raise ``ValueError``: pass ``rule=`` to :func:`scale_lr_for_batch` yourself."""
     cls = _optimizer_type(optimizer)
-    if issubclass(cls, _SGD_LIKE):
-        return "linear"
-    if issubclass(cls, _adaptive_types()):
-        return "sqrt"
+    rule = _rule_of(cls)
+    if rule is not None:
+        return rule  # type: ignore[return-value]
     raise ValueError(
         f"no batch-size scaling rule is known for {cls.__name__}: the rules cover SGD ('linear') and Adam-type "
         "adaptive methods ('sqrt'); choose one and pass it as rule= to scale_lr_for_batch"
