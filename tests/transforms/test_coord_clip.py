@@ -167,3 +167,24 @@ def test_create_builds_the_wrapper_by_name() -> None:
     opt = optimlab.create("coordclip", model, inner="sgd", lr=0.1, fraction=0.1)
     assert isinstance(opt, CoordClip) and opt.options["fraction"] == 0.1
     assert isinstance(opt.optimizer, torch.optim.SGD)
+
+
+def test_wrappers_compose_by_nesting_like_a_chain() -> None:
+    """OrthoGrad(CoordClip(SGD)): the outer transform runs first, the inner one sees its output (optax's chain),
+    and the caller's gradients come back untouched; the bench builds the same from its spec."""
+    from optimlab.bench.runner import resolve_optimizer
+    from optimlab.transforms.orthograd import orthogonalize
+
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64)]
+    grads = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in start]
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    chained = resolve_optimizer("orthograd(coordclip[fraction=0.2](torch:SGD))")(params, lr=0.1)
+    assert isinstance(chained, OrthoGrad) and isinstance(chained.optimizer, CoordClip)
+    chained.step()
+    expected_update = clip_top_coordinates(orthogonalize(start, grads), 0.2)
+    for p, w, u, g in zip(params, start, expected_update, grads):
+        torch.testing.assert_close(p.detach(), w - 0.1 * u, rtol=1e-14, atol=1e-15)
+        assert torch.equal(p.grad, g)
