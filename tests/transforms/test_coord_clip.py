@@ -188,3 +188,24 @@ def test_wrappers_compose_by_nesting_like_a_chain() -> None:
     for p, w, u, g in zip(params, start, expected_update, grads):
         torch.testing.assert_close(p.detach(), w - 0.1 * u, rtol=1e-14, atol=1e-15)
         assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fraction", [0.0, 1e-4, 0.1, 0.5, 0.9, 0.99999])
+def test_the_radix_threshold_equals_a_full_sort(dtype, fraction) -> None:
+    """16/32-bit thresholds come from a radix select on the bit patterns: exact, ties and zeros included."""
+    gen = torch.Generator().manual_seed(11)
+    values = torch.cat(
+        [
+            torch.randn(5000, generator=gen) * 10.0 ** torch.randint(-20, 20, (5000,), generator=gen),
+            torch.zeros(300),  # exact zeros
+            torch.full((400,), 0.75),  # a tie spanning many ranks
+            torch.tensor([float("inf"), -float("inf"), 1e-45]),  # the extremes and a subnormal
+        ]
+    ).to(dtype)
+    tensors = list(values[torch.randperm(values.numel(), generator=gen)].split([1000, 2000, 2703]))
+    d = values.numel()
+    rank = int(fraction * d)
+    expected = values.abs().float().sort(descending=True).values[rank].to(dtype)
+    threshold = top_coordinates_threshold(tensors, fraction)
+    assert threshold.dtype == dtype and torch.equal(threshold, expected)
