@@ -50,6 +50,8 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from optimlab._core.validation import Choice, Interval
+
 __all__ = ["flatten_per_sample", "per_sample_grads", "per_sample_grads_and_losses"]
 
 Inputs = Tensor | tuple[Tensor, ...] | list[Tensor]
@@ -105,10 +107,9 @@ def per_sample_grads_and_losses(
     ``losses`` has shape ``(b,)``. See the module docstring for the conventions.
     """
     _check_model(model)
-    if randomness not in _RANDOMNESS:
-        raise ValueError(f"Invalid randomness: {randomness!r}; expected one of {', '.join(map(repr, _RANDOMNESS))}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"Invalid chunk_size: {chunk_size!r}; expected None or an integer >= 1")
+    Choice(_RANDOMNESS).check("randomness", randomness)
+    if chunk_size is not None:
+        Interval(1, integer=True).check("chunk_size", chunk_size)
     batched_inputs = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
     _batch_size(batched_inputs, targets)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DECAY_RATE", "NON_NEGATIVE", "Choice", "Constraint", "Each", "Flag", "Interval", "adam_family", "check_hyperparameters"]
+__all__ = ["DECAY_RATE", "NON_NEGATIVE", "POSITIVE", "Choice", "Constraint", "Each", "Flag", "Interval", "adam_family", "check_hyperparameters"]
 
 
 class Constraint:
@@ -125,6 +125,7 @@ def check_hyperparameters(rules: Mapping[str, Constraint], values: Mapping[str, 
 
 
 NON_NEGATIVE = Interval(0.0)
+POSITIVE = Interval(0.0, low_closed=False)
 DECAY_RATE = Interval(0.0, 1.0, high_closed=False)  # the β of an exponential moving average
 
 

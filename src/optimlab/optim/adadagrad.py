@@ -98,7 +98,7 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from optimlab._core.optimizer import LOW_PRECISION, OptimlabOptimizer, as_float, state_dtype
-from optimlab._core.validation import NON_NEGATIVE, Choice, Flag, Interval
+from optimlab._core.validation import NON_NEGATIVE, POSITIVE, Choice, Flag, Interval
 from optimlab.per_sample import per_sample_grads
 from optimlab.registry import Capabilities, MethodInfo, register
 
@@ -277,7 +277,7 @@ TESTS = {
 
 
 def _check_positive(name: str, value: Any) -> None:
-    Interval(0.0, low_closed=False).check(name, value)
+    POSITIVE.check(name, value)
 
 
 def next_batch_size(current: int, estimate: float, max_batch_size: int) -> int:

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from optimlab._core.kernels import add, add_, kernel, mul_
 from optimlab._core.optimizer import OptimlabOptimizer
-from optimlab._core.validation import NON_NEGATIVE, Choice, Each, Interval
+from optimlab._core.validation import NON_NEGATIVE, POSITIVE, Choice, Each, Interval
 from optimlab.registry import MethodInfo, register
 
 __all__ = ["Lion", "LionK", "lion_k_", "lion_k_update", "KAPPAS"]
@@ -205,7 +205,7 @@ register(
             **_COMMON,
             "kappa": Choice(tuple(KAPPAS)),
             "norm_p": Interval(1.0, low_closed=False),
-            "huber_delta": Interval(0.0, low_closed=False),
+            "huber_delta": POSITIVE,
         },
         lr_range=(1e-5, 1e-2),
         advice=_LION_ADVICE + " Norm-based κ move each tensor by lr in that norm, so retune lr per κ.",

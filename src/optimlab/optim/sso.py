@@ -96,7 +96,7 @@ import torch
 from torch import Tensor
 
 from optimlab._core.optimizer import OptimlabOptimizer, as_float, state_dtype
-from optimlab._core.validation import NON_NEGATIVE, Interval
+from optimlab._core.validation import NON_NEGATIVE, POSITIVE, Interval
 from optimlab.registry import Capabilities, MethodInfo, register
 
 __all__ = ["SSO", "armijo_step_", "sso_surrogate"]
@@ -282,7 +282,7 @@ register(
         hyperparameters={
             "lr": NON_NEGATIVE,
             "inner_steps": Interval(1, integer=True),
-            "inner_lr": Interval(0.0, low_closed=False),
+            "inner_lr": POSITIVE,
             "c": Interval(0.0, 1.0, low_closed=False, high_closed=False),
             "backtrack": Interval(0.0, 1.0, low_closed=False, high_closed=False),
             "expansion": Interval(1.0),

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import torch
 
-from optimlab._core.validation import Choice, Interval
+from optimlab._core.validation import POSITIVE, Choice, Interval
 
 __all__ = [
     "STEP_LAW_COEFFICIENTS",
@@ -52,7 +52,6 @@ __all__ = [
     "step_law",
 ]
 
-_POSITIVE = Interval(0.0, low_closed=False)
 
 
 def scale_lr_for_batch(lr: float, batch_size: float, base_batch_size: float, rule: str) -> float:
@@ -60,8 +59,8 @@ def scale_lr_for_batch(lr: float, batch_size: float, base_batch_size: float, rul
     ``rule="linear"`` (SGD), ``lr * sqrt(B / B0)`` for ``rule="sqrt"`` (adaptive methods); see
     :func:`batch_scaling_rule` to pick the rule for an optimizer."""
     Interval(0.0).check("lr", lr)
-    _POSITIVE.check("batch_size", batch_size)
-    _POSITIVE.check("base_batch_size", base_batch_size)
+    POSITIVE.check("batch_size", batch_size)
+    POSITIVE.check("base_batch_size", base_batch_size)
     Choice(("linear", "sqrt")).check("rule", rule)
     ratio = batch_size / base_batch_size
     return lr * (ratio if rule == "linear" else math.sqrt(ratio))
@@ -163,8 +162,8 @@ def step_law(params: float, tokens: float, *, seq_len: int | None = None, coeffi
     on ``tokens`` tokens (see the module docstring). ``coefficients``: ``"paper"`` (rounded, default) or
     ``"tool"`` (the released fit's unrounded means). Out-of-range inputs are not an error: the result says so in
     ``in_fitted_range`` and ``warnings`` (nothing is emitted through :mod:`warnings`)."""
-    _POSITIVE.check("params", params)
-    _POSITIVE.check("tokens", tokens)
+    POSITIVE.check("params", params)
+    POSITIVE.check("tokens", tokens)
     if seq_len is not None:
         Interval(1, integer=True).check("seq_len", seq_len)
     Choice(tuple(STEP_LAW_COEFFICIENTS)).check("coefficients", coefficients)

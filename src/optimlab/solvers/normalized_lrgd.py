@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimlab._core.validation import NON_NEGATIVE, Flag, Interval
+from optimlab._core.validation import NON_NEGATIVE, POSITIVE, Flag, Interval
 from optimlab.registry import MethodInfo, register
 from optimlab.solvers.base import Solver
 
@@ -192,7 +192,7 @@ register(
         summary="logistic-regression GD with its step divided by the mean soft error; separates data like a "
         "normalised batch perceptron",
         hyperparameters={
-            "step_size": Interval(0.0, low_closed=False),
+            "step_size": POSITIVE,
             "normalized": Flag(),
             "max_iter": Interval(0, integer=True),
             "tol": NON_NEGATIVE,

@@ -68,7 +68,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from optimlab._core.validation import Constraint, Interval, check_hyperparameters
+from optimlab._core.validation import POSITIVE, Constraint, Interval, check_hyperparameters
 from optimlab._core.wrapper import Batch, OptimizerWrapper
 from optimlab.registry import Capabilities, MethodInfo, register
 
@@ -82,7 +82,7 @@ __all__ = [
 ]
 
 FRACTION = Interval(0.0, 1.0)  # the c of the operator
-THRESHOLD_SCALE = Interval(0.0, low_closed=False)  # the s of the operator
+THRESHOLD_SCALE = POSITIVE  # the s of the operator
 
 
 def _check_dense_real(tensors: Sequence[Tensor]) -> None:
