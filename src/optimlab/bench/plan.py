@@ -152,7 +152,7 @@ def _tuning(suite: Suite, workload: str, optimizer: str, done: Mapping[str, Tria
         specs = [trial(lr) for lr in grid(optimizer, n)]
         tuned = [t for t in specs if t.key in done]
         # a refined trial waits for the linear-decay trial it is computed from
-        runnable = [t for t in specs if t.key not in done and source_key(t) in (None, *done)]
+        runnable = [t for t in specs if t.key not in done and _source_done(t, done)]
         return tuned, runnable, len(tuned) == len(specs)
     import optuna
 
@@ -188,6 +188,11 @@ def pending(suite: Suite, done: Mapping[str, TrialRecord]) -> tuple[list[TrialSp
         ready += todo
         finished = finished and not todo
     return ready, finished
+
+
+def _source_done(trial: TrialSpec, done: Mapping[str, TrialRecord]) -> bool:
+    source = source_key(trial)
+    return source is None or source in done
 
 
 def source_key(trial: TrialSpec) -> str | None:

@@ -2,14 +2,14 @@
 
 Every optimizer gets the same schedule around its learning rate: by default a linear warm-up over the first
 2 % of the step budget, then cosine decay to zero at the budget (AlgoPerf's shape); a spec's ``@linear`` or
-``@refined`` suffix asks for linear decay or the refined schedule instead (:mod:`optimlab.bench.specs`). Time counts training only
-(evaluations are excluded) and stops the run at the workload's wall-clock budget. A non-finite training or
+``@refined`` suffix asks for linear decay or the refined schedule instead (:mod:`optimlab.bench.specs`). Time
+counts training only (evaluations are excluded) and stops the run at the workload's wall-clock budget. A non-finite training or
 validation loss ends the trial as ``diverged`` (the NaN policy), and an exception raised by the optimizer ends
 it as ``error``: neither stops the study.
 
 The per-evaluation log is the record's ``curve``. Besides loss, metric and the ℓ1/ℓ2 norms of the gradient, an
-optimizer or a task may add columns of its
-own by defining ``bench_metrics() -> dict[str, float]`` (e.g. bytes communicated by a distributed method).
+optimizer or a task may add columns of its own by defining ``bench_metrics() -> dict[str, float]`` (e.g. bytes
+communicated by a distributed method).
 Trials with a ``linear`` or ``refined`` schedule also log both gradient norms at every step
 (``record.grad_norms``): the refined schedule of arXiv 2310.07831 is computed from them, by the bench itself or
 by ``optimlab schedule refine``.
@@ -196,14 +196,16 @@ def _train(workload, task, opt, schedule, params, record: TrialRecord, *, log_no
         loss = opt.step(closure)
         schedule.step()
         seconds += time.perf_counter() - start
+        pair = None
         if norms is not None:
-            norms[step] = _grad_norm_pair(params)
+            norms[step] = pair = _grad_norm_pair(params)
         last = step + 1 == workload.max_steps or seconds >= workload.max_seconds
         if (step + 1) % workload.eval_every and not last:
             continue
         train_loss = loss.item()
         val = task.evaluate("val")
-        _log(record, opt, task, params, step + 1, grad_evals, seconds, train_loss, val, workload.metric)
+        pair = _grad_norm_pair(params) if pair is None else pair  # an evaluated step's norms, computed once
+        _log(record, opt, task, pair, step + 1, grad_evals, seconds, train_loss, val, workload.metric)
         if not (math.isfinite(train_loss) and math.isfinite(val["loss"]) and math.isfinite(val[workload.metric])):
             record.status = "diverged"
             break
@@ -239,8 +241,8 @@ def _grad_norm_pair(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([l1, l2])
 
 
-def _log(record, opt, task, params, step, grad_evals, seconds, train_loss, val, metric) -> None:
-    l1, l2 = _grad_norm_pair(params).tolist()
+def _log(record, opt, task, grad_norms, step, grad_evals, seconds, train_loss, val, metric) -> None:
+    l1, l2 = grad_norms.tolist()
     row = {
         "step": step,
         "grad_evals": grad_evals,
