@@ -21,8 +21,8 @@ from optimlab._core.validation import Constraint
 
 __all__ = ["Capabilities", "MethodInfo", "register", "get", "available", "create", "markdown_table", "REGISTRY"]
 
-Kind = Literal["optimizer", "wrapper", "layer", "loss", "schedule", "solver"]
-KINDS: tuple[str, ...] = ("optimizer", "wrapper", "layer", "loss", "schedule", "solver")
+Kind = Literal["optimizer", "wrapper", "layer", "loss", "schedule", "solver", "function"]
+KINDS: tuple[str, ...] = ("optimizer", "wrapper", "layer", "loss", "schedule", "solver", "function")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class MethodInfo:
     """
 
     name: str
-    cls: type
+    cls: Any  # the class; for kind "function", the function
     kind: Kind
     paper: str
     arxiv: str
@@ -75,8 +75,9 @@ class MethodInfo:
 
     @property
     def defaults(self) -> dict[str, Any]:
-        """Keyword defaults of the class constructor (the single place they are written)."""
-        sig = inspect.signature(self.cls.__init__)
+        """Keyword defaults of the class constructor, or of the function for kind "function" (the single place
+        they are written)."""
+        sig = inspect.signature(self.cls if self.kind == "function" else self.cls.__init__)
         return {
             n: p.default
             for n, p in sig.parameters.items()
