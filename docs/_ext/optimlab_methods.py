@@ -105,6 +105,7 @@ ENTRY_POINTS = {  # the methods a user calls, by kind
     "solver": ["run", "update", "init_state", "optimality_fun"],
     "loss": ["forward"],
     "layer": ["forward"],
+    "function": [],
 }
 
 
@@ -132,7 +133,9 @@ def _functional_cores(info: Any) -> list[str]:
     return [
         f"{module.__name__}.{n}"
         for n in names
-        if inspect.isfunction(getattr(module, n, None)) and getattr(module, n).__module__ == module.__name__
+        if inspect.isfunction(getattr(module, n, None))
+        and getattr(module, n).__module__ == module.__name__
+        and getattr(module, n) is not info.cls  # a function's own entry documents it under API
     ]
 
 
@@ -165,7 +168,9 @@ def method_page(info: Any, index_module: bool) -> str:
 
     lines += _title("Usage", "-")
     lines += [".. code-block:: python", ""]
-    if info.kind == "wrapper":
+    if info.usage:
+        lines += ["    " + line if line else "" for line in info.usage.strip("\n").splitlines()] + [""]
+    elif info.kind == "wrapper":
         lines += [
             "    import torch",
             "    import optimlab",
@@ -254,8 +259,11 @@ def method_page(info: Any, index_module: bool) -> str:
         lines += [""]
 
     lines += _title("API", "-")
-    lines += [f".. autoclass:: {cls_path}", f"   :members: {', '.join(_class_members(info))}"]
-    lines += ["   :show-inheritance:", ""]
+    if info.kind == "function":
+        lines += [f".. autofunction:: {cls_path}", ""]
+    else:
+        lines += [f".. autoclass:: {cls_path}", f"   :members: {', '.join(_class_members(info))}"]
+        lines += ["   :show-inheritance:", ""]
     cores = _functional_cores(info)
     if cores:
         lines += _title("Functional core", "~")

@@ -63,6 +63,8 @@ class MethodInfo:
     # how the learning rate scales with the batch size (arXiv 2006.09092): "linear" for SGD-like steps,
     # "sqrt" for adaptive (Adam-type) ones, None where the theory says nothing (sign methods, ...)
     batch_scaling: Literal["linear", "sqrt"] | None = None
+    # a short code example for the docs where the generated one does not fit (layers, functions)
+    usage: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

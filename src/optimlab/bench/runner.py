@@ -37,7 +37,7 @@ from optimlab.bench.workloads.base import Workload
 from optimlab.registry import optimizer_class
 from optimlab.schedules import linear_decay, refine
 
-__all__ = ["resolve_optimizer", "run_trial", "lr_range", "lr_factor", "environment"]
+__all__ = ["resolve_optimizer", "run_trial", "lr_range", "lr_factor", "needs_create_graph", "environment"]
 
 _TORCH_LR_RANGE = (1e-4, 1e-1)
 WARMUP_FRACTION = 0.02
@@ -61,6 +61,14 @@ def resolve_optimizer(spec: str | OptimizerSpec) -> Callable[..., torch.optim.Op
     if not parsed.fixed:
         return cls
     return lambda params, **hp: cls(params, **{**parsed.fixed, **hp})
+
+
+def needs_create_graph(spec: str | OptimizerSpec) -> bool:
+    """Whether the spec's optimizer reads second derivatives (AdaHessian): its trials then run
+    ``loss.backward(create_graph=True)``."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    info = getattr(optimizer_class(parsed.innermost.name), "info", None)
+    return info is not None and info.capabilities.needs_create_graph
 
 
 def _registry_entry(name: str, kind: str):
@@ -147,10 +155,12 @@ def run_trial(
         spec = parse_spec(optimizer)
         factory = resolve_optimizer(spec)
         factor = lr_factor(spec, workload.max_steps, schedule_source)
-        _warm_up(factory, hparams, params)
+        create_graph = needs_create_graph(spec)
+        _warm_up(factory, hparams, params, create_graph=create_graph)
         opt = factory(params, **hparams)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        _train(workload, task, opt, schedule, params, record, log_norms=spec.schedule in ("linear", "refined"))
+        log_norms = spec.schedule in ("linear", "refined")
+        _train(workload, task, opt, schedule, params, record, log_norms=log_norms, create_graph=create_graph)
     except Exception as err:  # an optimizer's failure is a result, not a crash of the study
         record.status = "error"
         record.error = "".join(traceback.format_exception_only(type(err), err)).strip()
@@ -160,20 +170,33 @@ def run_trial(
     return record
 
 
-@torch.no_grad()
-def _warm_up(factory: Callable[..., torch.optim.Optimizer], hparams: dict[str, Any], params: list[torch.Tensor]) -> None:
+def _warm_up(
+    factory: Callable[..., torch.optim.Optimizer],
+    hparams: dict[str, Any],
+    params: list[torch.Tensor],
+    *,
+    create_graph: bool = False,
+) -> None:
     """Two steps of a throwaway optimizer on copies of the parameters, untimed: one-time costs (compiling a
-    kernel, lazy imports) stay out of the trial's seconds. The trial's own parameters and RNG are untouched."""
+    kernel, lazy imports) stay out of the trial's seconds. The trial's own parameters and RNG are untouched.
+    The gradients are zeros; with ``create_graph`` they come from a zero loss's backward, so a second-order
+    optimizer finds the graph it differentiates."""
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    for p in copies:
-        p.grad = torch.zeros_like(p)
     warm = factory(copies, **hparams)
     with torch.random.fork_rng(devices=[]):
         for _ in range(2):
+            if create_graph:
+                warm.zero_grad(set_to_none=True)
+                sum((0.0 * c.square()).sum() for c in copies).backward(create_graph=True)
+            else:
+                for c in copies:
+                    c.grad = torch.zeros_like(c)
             warm.step()
 
 
-def _train(workload, task, opt, schedule, params, record: TrialRecord, *, log_norms: bool = False) -> None:
+def _train(
+    workload, task, opt, schedule, params, record: TrialRecord, *, log_norms: bool = False, create_graph: bool = False
+) -> None:
     grad_evals = 0
     step = 0
     # per-step ℓ1 and ℓ2 norms of the gradient each step used, kept on the device until the end (no sync per step)
@@ -186,7 +209,7 @@ def _train(workload, task, opt, schedule, params, record: TrialRecord, *, log_no
         nonlocal grad_evals
         opt.zero_grad(set_to_none=True)
         loss = task.train_loss(step)
-        loss.backward()
+        loss.backward(create_graph=create_graph)
         grad_evals += 1
         return loss
 
