@@ -119,7 +119,8 @@ def _class_members(info: Any) -> list[str]:
         for name, value in vars(klass).items():
             if name.startswith("_") or name in members or name == "info":
                 continue
-            if inspect.isfunction(value) and value.__doc__:
+            function = value.__func__ if isinstance(value, classmethod | staticmethod) else value
+            if inspect.isfunction(function) and function.__doc__:
                 members.append(name)
     if info.capabilities.stochastic:
         members.append("generator")

@@ -7,6 +7,7 @@ layers in :mod:`optimlab.nn`, solvers in :mod:`optimlab.solvers`, per-sample gra
 """
 
 from optimlab.nn.stablemax import StableMaxCrossEntropyLoss
+from optimlab.nn.tract import TrAct
 from optimlab.optim.adadagrad import AdaGradNorm
 from optimlab.optim.adan import Adan
 from optimlab.optim.coord_clipped import CoordClippedAdam, CoordClippedLion, CoordClippedSGD, CoordClippedSignSGD
@@ -43,4 +44,5 @@ __all__ = [
     "create",
     "get",
     "__version__",
+    "TrAct",
 ]

@@ -18,6 +18,7 @@ from optimlab.bench.workloads._common import EpochBatches, derive_seed
 
 QUICK = ["digits-logreg", "digits-mlp", "mnist1d-cnn", "rosenbrock", "quadratic"]
 SLOW = ["charlm", "modadd-grokking", "modadd-grokking-stablemax"]
+LAYER_VARIANTS = ["mnist1d-cnn-tract"]  # a base workload with one of optimlab's layers swapped in
 DETERMINISTIC = ["rosenbrock", "quadratic"]  # no data, no noise: the seed changes nothing
 STOCHASTIC = [name for name in WORKLOADS if name not in DETERMINISTIC]
 
@@ -26,6 +27,7 @@ RECIPES: dict[str, dict] = {
     "digits-logreg": {"lr": 0.03},
     "digits-mlp": {"lr": 3e-3},
     "mnist1d-cnn": {"lr": 0.02},
+    "mnist1d-cnn-tract": {"lr": 0.02},
     "rosenbrock": {"lr": 0.1},
     "quadratic": {"lr": 0.1},
     "charlm": {"lr": 2e-3},
@@ -74,7 +76,7 @@ def run(workload: Workload, seed: int, **adamw) -> tuple[float, int | None]:
 
 
 def test_registry_order_and_quick_suite():
-    assert list(WORKLOADS) == QUICK + SLOW
+    assert list(WORKLOADS) == QUICK + SLOW + LAYER_VARIANTS
     assert [name for name, w in WORKLOADS.items() if w.quick] == QUICK
     for name, w in WORKLOADS.items():
         assert w.name == name and get_workload(name) is w
@@ -92,7 +94,8 @@ def test_unknown_workload_lists_the_choices():
 
 @pytest.mark.parametrize(
     "name, seed",
-    [(name, seed) for name in QUICK for seed in (0, 1)] + [pytest.param(n, 0, marks=pytest.mark.slow) for n in SLOW],
+    [(name, seed) for name in QUICK for seed in (0, 1)]
+    + [pytest.param(n, 0, marks=pytest.mark.slow) for n in SLOW + LAYER_VARIANTS],
 )
 def test_known_good_optimizer_reaches_the_target(name, seed):
     workload = get_workload(name)
@@ -330,3 +333,21 @@ def test_the_stablemax_variant_is_the_same_task_with_the_stablemax_loss():
     assert stable.train_loss(7).item() == stablemax_cross_entropy(logits, stable.y[idx]).item()
     assert stable.train_loss(7).item() != plain.train_loss(7).item()
     assert stable.evaluate("val")["accuracy"] == plain.evaluate("val")["accuracy"]
+
+
+def test_variants_name_their_base_and_stay_out_of_the_full_suite():
+    from optimlab.bench.plan import SUITES
+
+    for name in LAYER_VARIANTS + ["modadd-grokking-stablemax"]:
+        base = get_workload(name).variant_of
+        assert base in WORKLOADS and get_workload(base).variant_of is None
+        assert name not in SUITES["full"].workloads and base in SUITES["full"].workloads
+
+
+def test_the_tract_variant_wraps_the_first_layer_of_the_same_model():
+    from optimlab.nn import TrAct
+
+    plain, tract = get_workload("mnist1d-cnn").build(3), get_workload("mnist1d-cnn-tract").build(3)
+    assert isinstance(tract.model[0], TrAct) and not isinstance(plain.model[0], TrAct)
+    assert all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), tract.model.parameters(), strict=True))
+    assert plain.evaluate("val") == tract.evaluate("val")  # the forward pass is the plain layer's

@@ -82,7 +82,7 @@ SUITES: dict[str, Suite] = {
     ),
     "full": Suite(
         "full",
-        workloads=tuple(name for name in WORKLOADS if name != "modadd-grokking-stablemax"),
+        workloads=tuple(name for name, w in WORKLOADS.items() if w.variant_of is None),
         optimizers=("torch:AdamW", "adan", "exadam", "diffgrad", "lion", "orthograd(torch:AdamW)"),
         tuning_trials=8,
         seeds=3,

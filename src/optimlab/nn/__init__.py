@@ -1,4 +1,4 @@
-"""Layers and losses from the papers: StableMax (more to come: WTA-CRS linear layers, TrAct)."""
+"""Layers and losses from the papers: StableMax, TrAct, WTA-CRS linear layers."""
 
 from optimlab.nn.stablemax import (
     StableMaxCrossEntropyLoss,
@@ -7,5 +7,15 @@ from optimlab.nn.stablemax import (
     stablemax_cross_entropy,
     stablemax_s,
 )
+from optimlab.nn.tract import TrAct, tract, tract_weight_grad
 
-__all__ = ["StableMaxCrossEntropyLoss", "log_stablemax", "stablemax", "stablemax_cross_entropy", "stablemax_s"]
+__all__ = [
+    "StableMaxCrossEntropyLoss",
+    "TrAct",
+    "log_stablemax",
+    "stablemax",
+    "stablemax_cross_entropy",
+    "stablemax_s",
+    "tract",
+    "tract_weight_grad",
+]

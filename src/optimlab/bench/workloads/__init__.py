@@ -7,7 +7,7 @@ from __future__ import annotations
 from optimlab.bench.workloads.base import Split, Task, Workload
 from optimlab.bench.workloads.charlm import CHARLM
 from optimlab.bench.workloads.digits import DIGITS_LOGREG, DIGITS_MLP
-from optimlab.bench.workloads.mnist1d_cnn import MNIST1D_CNN
+from optimlab.bench.workloads.mnist1d_cnn import MNIST1D_CNN, MNIST1D_CNN_TRACT
 from optimlab.bench.workloads.modadd import MODADD_GROKKING, MODADD_GROKKING_STABLEMAX
 from optimlab.bench.workloads.synthetic import QUADRATIC, ROSENBROCK
 
@@ -16,7 +16,15 @@ __all__ = ["WORKLOADS", "Split", "Task", "Workload", "get_workload"]
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
-        DIGITS_LOGREG, DIGITS_MLP, MNIST1D_CNN, ROSENBROCK, QUADRATIC, CHARLM, MODADD_GROKKING, MODADD_GROKKING_STABLEMAX
+        DIGITS_LOGREG,
+        DIGITS_MLP,
+        MNIST1D_CNN,
+        ROSENBROCK,
+        QUADRATIC,
+        CHARLM,
+        MODADD_GROKKING,
+        MODADD_GROKKING_STABLEMAX,
+        MNIST1D_CNN_TRACT,
     )
 }
 

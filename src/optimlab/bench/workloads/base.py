@@ -44,6 +44,9 @@ class Workload:
     build: Callable[[int], Task]
     quick: bool = True  # part of the --quick suite
     threads: int = 1  # intra-op threads a trial runs with (its timings are taken at this fixed count)
+    # the workload this one modifies (another loss, a swapped layer): a variant pairs with it seed by seed in a
+    # claim and is run by the suites that compare the two, not by the full suite
+    variant_of: str | None = None
 
     def reached(self, value: float) -> bool:
         return value >= self.target if self.higher_is_better else value <= self.target

@@ -18,6 +18,9 @@ parameters). Measured with torch AdamW (weight decay 0.01), 1 thread, on this pr
 (untrained: ~0.1). The target 0.80 is reached at step 175-275 with a constant lr 0.02 (seeds 0-7); under the
 bench runner's protocol (2% warm-up, cosine decay to 0 at ``max_steps``) at step 250-350 with lr 1e-2 (seeds
 0-2) and on 2 seeds of 3 with lr 0.1, while lr 1e-3 ends at ~0.45.
+
+``mnist1d-cnn-tract`` is the same task with the first convolution wrapped in TrAct (arXiv 2410.23970, λ 0.1, the
+paper's default): the same initial weights, so it pairs seed by seed with ``mnist1d-cnn``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import importlib.metadata
 import json
 import random
 import warnings
-from functools import lru_cache
+from dataclasses import replace
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -37,8 +41,9 @@ from optimlab.bench._files import write_atomic
 from optimlab.bench.workloads._common import cache_dir, seeded_init
 from optimlab.bench.workloads.base import Workload
 from optimlab.bench.workloads.classification import Arrays, ClassificationTask
+from optimlab.nn.tract import TrAct
 
-__all__ = ["MNIST1D_CNN", "mnist1d_arrays", "mnist1d_cache_path", "mnist1d_splits"]
+__all__ = ["MNIST1D_CNN", "MNIST1D_CNN_TRACT", "mnist1d_arrays", "mnist1d_cache_path", "mnist1d_splits"]
 
 BATCH_SIZE = 100
 N_VAL = 500
@@ -115,9 +120,12 @@ def _cnn() -> nn.Module:
     )
 
 
-def _build(seed: int) -> ClassificationTask:
+def _build(seed: int, tract: bool = False) -> ClassificationTask:
     train, val, test = mnist1d_splits()
-    return ClassificationTask(seeded_init(_cnn, seed), train, val, test, BATCH_SIZE, seed)
+    model = seeded_init(_cnn, seed)
+    if tract:
+        TrAct.wrap(model, "0")
+    return ClassificationTask(model, train, val, test, BATCH_SIZE, seed)
 
 
 MNIST1D_CNN = Workload(
@@ -130,4 +138,13 @@ MNIST1D_CNN = Workload(
     max_seconds=30.0,
     eval_every=25,
     build=_build,
+)
+
+MNIST1D_CNN_TRACT = replace(
+    MNIST1D_CNN,
+    name="mnist1d-cnn-tract",
+    description=MNIST1D_CNN.description + ", TrAct first layer (λ 0.1)",
+    build=partial(_build, tract=True),
+    quick=False,
+    variant_of="mnist1d-cnn",
 )

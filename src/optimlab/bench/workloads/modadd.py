@@ -90,4 +90,5 @@ MODADD_GROKKING_STABLEMAX = replace(
     name="modadd-grokking-stablemax",
     description=MODADD_GROKKING.description + ", StableMax cross-entropy",
     build=partial(_build, loss=stablemax_cross_entropy),
+    variant_of="modadd-grokking",
 )
