@@ -8,6 +8,7 @@ layers in :mod:`optimlab.nn`, solvers in :mod:`optimlab.solvers`, per-sample gra
 
 from optimlab.nn.stablemax import StableMaxCrossEntropyLoss
 from optimlab.nn.tract import TrAct
+from optimlab.nn.wtacrs import WTACRSLinear
 from optimlab.optim.adadagrad import AdaGradNorm
 from optimlab.optim.adan import Adan
 from optimlab.optim.coord_clipped import CoordClippedAdam, CoordClippedLion, CoordClippedSGD, CoordClippedSignSGD
@@ -45,4 +46,5 @@ __all__ = [
     "get",
     "__version__",
     "TrAct",
+    "WTACRSLinear",
 ]

@@ -8,14 +8,19 @@ from optimlab.nn.stablemax import (
     stablemax_s,
 )
 from optimlab.nn.tract import TrAct, tract, tract_weight_grad
+from optimlab.nn.wtacrs import WTACRSLinear, replace_linear_layers, wtacrs_example_ids, wtacrs_linear
 
 __all__ = [
     "StableMaxCrossEntropyLoss",
     "TrAct",
+    "WTACRSLinear",
     "log_stablemax",
+    "replace_linear_layers",
     "stablemax",
     "stablemax_cross_entropy",
     "stablemax_s",
     "tract",
     "tract_weight_grad",
+    "wtacrs_example_ids",
+    "wtacrs_linear",
 ]

@@ -5,7 +5,7 @@ or is generated locally (MNIST-1D's is cached on disk after the first build)."""
 from __future__ import annotations
 
 from optimlab.bench.workloads.base import Split, Task, Workload
-from optimlab.bench.workloads.charlm import CHARLM
+from optimlab.bench.workloads.charlm import CHARLM, CHARLM_WTACRS
 from optimlab.bench.workloads.digits import DIGITS_LOGREG, DIGITS_MLP
 from optimlab.bench.workloads.mnist1d_cnn import MNIST1D_CNN, MNIST1D_CNN_TRACT
 from optimlab.bench.workloads.modadd import MODADD_GROKKING, MODADD_GROKKING_STABLEMAX
@@ -25,6 +25,7 @@ WORKLOADS: dict[str, Workload] = {
         MODADD_GROKKING,
         MODADD_GROKKING_STABLEMAX,
         MNIST1D_CNN_TRACT,
+        CHARLM_WTACRS,
     )
 }
 

@@ -23,19 +23,23 @@ validation's: its stretch of text is more repetitive.)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
 
-from optimlab.bench.workloads._common import evaluating, generator, seeded_init
+from optimlab.bench.workloads._common import derive_seed, evaluating, generator, seeded_init
 from optimlab.bench.workloads.base import Workload
 from optimlab.bench.workloads.transformer import Transformer
+from optimlab.nn.wtacrs import replace_linear_layers
 
-__all__ = ["CHARLM", "CharLMTask", "charlm_splits", "charlm_text"]
+__all__ = ["CHARLM", "CHARLM_WTACRS", "CharLMTask", "charlm_splits", "charlm_text"]
 
 CONTEXT, BATCH, EVAL_WINDOWS = 64, 32, 64
 WIDTH, LAYERS, HEADS = 64, 4, 4
+WTACRS_LAYERS = (".proj", ".mlp.0", ".mlp.2")  # attention output and both MLP layers; not qkv, not the head
+WTACRS_BUDGET = 0.3
 
 
 def charlm_text() -> str:
@@ -60,11 +64,18 @@ def windows(ids: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tenso
 
 
 class CharLMTask:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, wtacrs: bool = False) -> None:
         vocab, self.ids = charlm_splits()
         self.seed = seed
         factory = partial(Transformer, vocab, vocab, CONTEXT, WIDTH, LAYERS, HEADS, 4 * WIDTH, True)
         self.model = seeded_init(factory, seed)
+        if wtacrs:
+            replace_linear_layers(
+                self.model,
+                predicate=lambda name, _: name.endswith(WTACRS_LAYERS),
+                budget=WTACRS_BUDGET,
+                seed=derive_seed(seed, "wtacrs") % 2**62,
+            )
         self.eval_sets = {}
         for split in ("val", "test"):
             n = len(self.ids[split])
@@ -100,4 +111,12 @@ CHARLM = Workload(
     build=CharLMTask,
     quick=False,
     threads=2,
+)
+
+CHARLM_WTACRS = replace(
+    CHARLM,
+    name="charlm-wtacrs",
+    description=CHARLM.description + f", WTA-CRS (budget {WTACRS_BUDGET}) in the attention-output and MLP layers",
+    build=partial(CharLMTask, wtacrs=True),
+    variant_of="charlm",
 )
