@@ -74,6 +74,10 @@ def contenders() -> list[Contender]:
         info = optimlab.get(name)
         if info.capabilities.needs_closure:  # its step re-evaluates the model: not a step-time comparison
             continue
+        if info.capabilities.needs_create_graph:  # its iteration differentiates twice: adahessian_time.py
+            continue
+        if name == "mfac":  # its window is ngrads (1024) copies of the model, 172 GB here: mfac_time.py
+            continue
         suffix, algorithm, kw = special.get(name, ("", name, {}))
         label = f"optimlab.{info.cls.__name__}{suffix}"
         decay = {"weight_decay": WEIGHT_DECAY} if "weight_decay" in info.defaults else {}

@@ -15,6 +15,7 @@ from optimlab.optim.coord_clipped import CoordClippedAdam, CoordClippedLion, Coo
 from optimlab.optim.diffgrad import DiffGrad
 from optimlab.optim.exadam import EXAdam
 from optimlab.optim.lion import Lion, LionK
+from optimlab.optim.mfac import MFAC, MFACInverse, mfac_ihvp
 from optimlab.optim.sso import SSO
 from optimlab.registry import REGISTRY, MethodInfo, available, create, get
 from optimlab.solvers.normalized_lrgd import NormalizedLRGD
@@ -35,6 +36,9 @@ __all__ = [
     "EXAdam",
     "Lion",
     "LionK",
+    "MFAC",
+    "MFACInverse",
+    "mfac_ihvp",
     "NormalizedLRGD",
     "OrthoGrad",
     "SSO",

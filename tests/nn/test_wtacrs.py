@@ -402,5 +402,5 @@ def test_compiled_training_step_takes_the_same_draws_as_eager():
 
 
 def test_registry_entry():
-    info = optimlab.get("wtacrs-linear")
+    info = optimlab.get("wtacrs_linear")
     assert info.kind == "layer" and info.cls is WTACRSLinear and info.defaults["budget"] == 0.3

@@ -446,7 +446,7 @@ def replace_linear_layers(
 
 register(
     MethodInfo(
-        name="wtacrs-linear",
+        name="wtacrs_linear",
         cls=WTACRSLinear,
         kind="layer",
         paper="Winner-Take-All Column Row Sampling for Memory Efficient Adaptation of Language Model",
