@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="cold/warm/eager processes per method (median reported)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
-    names = [n for n in optimlab.available() if optimlab.get(n).kind in ("optimizer", "wrapper")]
+    names = [
+        n
+        for n in optimlab.available()
+        if optimlab.get(n).kind in ("optimizer", "wrapper")
+        and optimlab.get(n).capabilities.compilable  # AdaHessian differentiates twice: autograd refuses compiling
+    ]
     rows = {}
     for name in names:
         runs: dict[str, list[dict]] = {"cold": [], "warm": [], "eager": []}

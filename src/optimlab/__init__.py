@@ -10,6 +10,7 @@ from optimlab.nn.stablemax import StableMaxCrossEntropyLoss
 from optimlab.nn.tract import TrAct
 from optimlab.nn.wtacrs import WTACRSLinear
 from optimlab.optim.adadagrad import AdaGradNorm
+from optimlab.optim.adahessian import AdaHessian
 from optimlab.optim.adan import Adan
 from optimlab.optim.coord_clipped import CoordClippedAdam, CoordClippedLion, CoordClippedSGD, CoordClippedSignSGD
 from optimlab.optim.diffgrad import DiffGrad
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaGradNorm",
+    "AdaHessian",
     "Adan",
     "CoordClip",
     "CoordClippedAdam",

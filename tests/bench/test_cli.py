@@ -32,7 +32,7 @@ class ExplodingSGD(torch.optim.SGD):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--optimizers", "adamm"], "unknown optimizer 'adamm'; choose one of adagradnorm, adan"),
+        (["--optimizers", "adamm"], "unknown optimizer 'adamm'; choose one of adagradnorm, adahessian, adan"),
         (["--optimizers", "torch:Nope"], "torch.optim has no optimizer class"),
         (["--optimizers", "tests.bench.test_cli:NotAnOptimizer"], "is not a torch.optim.Optimizer subclass"),
         (["--optimizers", "orthograd(adamm)"], "unknown optimizer 'adamm'"),
@@ -89,3 +89,13 @@ def test_optimizer_lists_keep_commas_inside_specs_and_suite_names_match() -> Non
         "orthograd(lion)",
     )
     assert SUITE_NAMES == tuple(SUITES)
+
+
+def test_second_order_optimizers_train_through_a_graph_of_the_gradient() -> None:
+    from optimlab.bench.runner import needs_create_graph
+
+    assert needs_create_graph("adahessian")
+    assert not needs_create_graph("torch:AdamW") and not needs_create_graph("adan")
+    record = run_trial(get_workload("digits-logreg"), "adahessian", {"lr": 0.1}, 0, phase="tune")
+    assert record.status == "ok", record.error  # AdaHessian refuses gradients without a graph
+    assert record.steps_to_target is not None

@@ -15,6 +15,29 @@ def make_params(shapes: Sequence[tuple[int, ...]] = SHAPES, dtype=torch.float64,
     return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in shapes]
 
 
+def needs_graph(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt`` differentiates the gradient again (AdaHessian): its backward passes keep the graph."""
+    info = getattr(type(opt), "info", None)
+    return info is not None and info.capabilities.needs_create_graph
+
+
+def backward(loss: Tensor, opt: torch.optim.Optimizer) -> None:
+    """``loss.backward()``, with ``create_graph=True`` for an optimizer that needs it."""
+    loss.backward(create_graph=needs_graph(opt))
+
+
+def set_gradients(opt: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """``p.grad = g``; for an optimizer that differentiates the gradient again, ``g`` arrives from a backward pass
+    of ``Σ <g, p> + ½‖p − p₀‖²`` at ``p = p₀`` (gradient exactly ``g``, Hessian the identity)."""
+    if not needs_graph(opt):
+        for p, g in zip(params, grads):
+            p.grad = g
+        return
+    for p in params:
+        p.grad = None
+    sum((g * p).sum() + 0.5 * ((p - p.detach()) ** 2).sum() for p, g in zip(params, grads)).backward(create_graph=True)
+
+
 def clone_params(params: Sequence[Tensor]) -> list[Tensor]:
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
 
@@ -28,15 +51,13 @@ class SeparableQuadratic:
         self.b = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
 
     def loss(self, params: Sequence[Tensor]) -> Tensor:
-        return sum(
-            (0.5 * a.to(p.dtype) * (p - b.to(p.dtype)) ** 2).sum() for p, a, b in zip(params, self.a, self.b)
-        )
+        return sum((0.5 * a.to(p.dtype) * (p - b.to(p.dtype)) ** 2).sum() for p, a, b in zip(params, self.a, self.b))
 
     def closure(self, opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> Callable[[], Tensor]:
         def closure() -> Tensor:
             opt.zero_grad()
             loss = self.loss(params)
-            loss.backward()
+            backward(loss, opt)
             return loss
 
         return closure
@@ -56,7 +77,7 @@ def train(
         opt.zero_grad(set_to_none=set_to_none)
         live = [(p, a, b) for i, (p, a, b) in enumerate(zip(params, problem.a, problem.b)) if not skip(step, i)]
         if live:
-            sum((0.5 * a.to(p.dtype) * (p - b.to(p.dtype)) ** 2).sum() for p, a, b in live).backward()
+            backward(sum((0.5 * a.to(p.dtype) * (p - b.to(p.dtype)) ** 2).sum() for p, a, b in live), opt)
         opt.step()
 
 

@@ -1,10 +1,12 @@
 """The conformance battery: every registered optimizer and wrapper, every check, no per-method code.
 
 A check a method cannot pass is an exemption in its registry entry (``MethodInfo.exemptions``) with the reason.
-Where the method refuses the case (``compile``: a step that cannot be traced), the battery asserts that it raises
-the documented error instead of passing silently; where the check's premise does not hold for the method
-(``param_groups``, ``missing_gradients``: one state shared by all parameters; ``convergence``), it is skipped
-with the reason, and the method's own tests check what holds instead.
+Where the method refuses the case (``compile``: a step that cannot be traced; ``grad_scaler``: gradients scaled
+outside autograd), the battery asserts that it raises the documented error instead of passing silently; where the
+check's premise does not hold for the method (``param_groups``, ``missing_gradients``: one state shared by all
+parameters; ``convergence``), it is skipped with the reason, and the method's own tests check what holds instead.
+For a method that differentiates the gradient again (``needs_create_graph``), every backward pass keeps its graph
+(``problems.backward``, ``problems.set_gradients``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from optimlab._core.kernels import kernel_mode
 
-from .problems import SeparableQuadratic, clone_params, make_params, rosenbrock, train
+from .problems import SeparableQuadratic, backward, clone_params, make_params, rosenbrock, set_gradients, train
 from .subjects import CLOSURE_ENTRIES, SUBJECTS, Subject
 
 subjects = pytest.mark.parametrize("subject", SUBJECTS, ids=lambda s: s.id)
@@ -57,7 +59,7 @@ def test_param_groups_equal_separate_optimizers(subject: Subject) -> None:
     first, second = subject.make(alone[:2]), subject.make(alone[2:], lr=subject.lr / 3)
     for _ in range(6):
         first.zero_grad(), second.zero_grad()
-        problem.loss(alone).backward()
+        backward(problem.loss(alone), first)
         first.step(), second.step()
     assert_same(params, alone)
 
@@ -105,7 +107,7 @@ def test_missing_gradients_keep_per_parameter_steps(subject: Subject) -> None:
         for o in (opt_early, opt_late):
             o.zero_grad()
         loss = problem.loss([ref[0], ref[1].detach() if step < late else ref[1], ref[2]])
-        loss.backward()
+        backward(loss, opt_early)
         opt_early.step()
         if step >= late:
             opt_late.step()
@@ -205,8 +207,8 @@ def test_all_implementation_paths_agree(subject: Subject, dtype: torch.dtype, to
         with kernel_mode(mode, min_numel=2):  # every dense tensor of 2+ elements through the compiled kernels
             opt = subject.make(params)
             for _ in range(8):
-                for p in params:
-                    p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+                grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype) for p in params]
+                set_gradients(opt, params, grads)
                 opt.step()
         states = [v for p in params for v in opt.state[p].values() if torch.is_tensor(v) and v.dim() > 0]
         runs[mode] = [p.detach() for p in params] + states
@@ -221,29 +223,36 @@ def test_grad_scaler_step_and_skip(subject: Subject) -> None:
     a, b = make_params(), make_params()
     opt_a, opt_b = subject.make(a), subject.make(b)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    for _ in range(4):
-        opt_a.zero_grad()
-        scaler.scale(problem.loss(a)).backward()
-        scaler.step(opt_a)
-        scaler.update()
-    train(opt_b, b, problem, 4)
-    torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
 
-    before = [p.detach().clone() for p in a]
-    opt_a.zero_grad()
-    scaler.scale(problem.loss(a)).backward()
-    a[0].grad[0, 0] = math.inf
-    scaler.step(opt_a)
-    assert_same(a, before)
+    def run():
+        for _ in range(4):
+            opt_a.zero_grad()
+            backward(scaler.scale(problem.loss(a)), opt_a)
+            scaler.step(opt_a)
+            scaler.update()
+        train(opt_b, b, problem, 4)
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+        before = [p.detach().clone() for p in a]
+        opt_a.zero_grad()
+        backward(scaler.scale(problem.loss(a)), opt_a)
+        a[0].grad[0, 0] = math.inf
+        scaler.step(opt_a)
+        assert_same(a, before)
+
+    exempt_or_run(subject, "grad_scaler", run)
 
 
 @subjects
 def test_zero_size_and_zero_dim_parameters(subject: Subject) -> None:
-    params = [torch.nn.Parameter(torch.empty(0, 3, dtype=torch.float64)), torch.nn.Parameter(torch.tensor(1.5).double())]
+    params = [
+        torch.nn.Parameter(torch.empty(0, 3, dtype=torch.float64)),
+        torch.nn.Parameter(torch.tensor(1.5).double()),
+    ]
     opt = subject.make(params)
     for _ in range(3):
         opt.zero_grad()
-        (params[0].sum() + (params[1] - 4.0) ** 2).backward()
+        backward(params[0].sum() + (params[1] - 4.0) ** 2, opt)
         opt.step()
     assert params[0].shape == (0, 3)
     assert params[1].shape == () and math.isfinite(params[1].item())
@@ -258,7 +267,7 @@ def test_step_leaves_gradients_untouched(subject: Subject) -> None:
     opt = subject.make(params)
     for _ in range(3):
         opt.zero_grad()
-        problem.loss(params).backward()
+        backward(problem.loss(params), opt)
         grads = [p.grad for p in params]
         copies = [g.clone() for g in grads]
         opt.step()
@@ -299,7 +308,7 @@ def test_non_finite_gradient_propagates(subject: Subject) -> None:
     opt = subject.make(params)
     train(opt, params, problem, 2)
     opt.zero_grad()
-    problem.loss(params).backward()
+    backward(problem.loss(params), opt)
     params[0].grad[1, 1] = math.nan
     opt.step()
     assert not torch.isfinite(params[0]).all()
@@ -314,7 +323,7 @@ def _final_loss(subject: Subject, x0: torch.Tensor, loss_fn, steps: int, lr: flo
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps)
     for _ in range(steps):
         opt.zero_grad()
-        loss_fn(x).backward()
+        backward(loss_fn(x), opt)
         opt.step()
         decay.step()
     value = loss_fn(x).item()
@@ -360,7 +369,7 @@ def test_compiled_training_step(subject: Subject) -> None:
 
     def step(opt, params):
         opt.zero_grad()
-        problem.loss(params).backward()
+        backward(problem.loss(params), opt)
         opt.step()
 
     compiled = torch.compile(step)

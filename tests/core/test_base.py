@@ -143,9 +143,9 @@ def test_create_builds_optimizers_and_wrappers_by_name() -> None:
 
 
 def test_unknown_names_list_the_choices() -> None:
-    with pytest.raises(KeyError, match="available: adagradnorm, adan"):
+    with pytest.raises(KeyError, match="available: adagradnorm, adahessian, adan"):
         optimlab.create("adamm", [torch.nn.Parameter(torch.ones(1))])
-    with pytest.raises(ValueError, match="unknown optimizer 'nope'; choose one of adagradnorm, adan"):
+    with pytest.raises(ValueError, match="unknown optimizer 'nope'; choose one of adagradnorm, adahessian, adan"):
         optimlab.create("orthograd", [torch.nn.Parameter(torch.ones(1))], inner="nope")
 
 

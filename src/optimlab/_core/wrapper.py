@@ -50,6 +50,11 @@ class OptimizerWrapper(torch.optim.Optimizer):
                 f"{type(self).__name__} transforms gradients before an optimizer's step; "
                 f"{type(optimizer).__name__} computes its own from a special closure, so there is nothing to wrap"
             )
+        if inner_info is not None and inner_info.capabilities.needs_create_graph:
+            raise TypeError(
+                f"{type(self).__name__} hands its inner optimizer transformed gradients, which carry no autograd "
+                f"graph; {type(optimizer).__name__} differentiates the gradient a second time, so it cannot be wrapped"
+            )
         check_hyperparameters(self.info.hyperparameters, options)
         # Deliberately not calling Optimizer.__init__: the groups and state are the inner optimizer's.
         self.optimizer = optimizer

@@ -1,0 +1,366 @@
+"""Wall time of a full AdaHessian training iteration: optimlab's, torch-optimizer's and pytorch-optimizer's, against
+the floor every implementation pays.
+
+One model for everyone: a small residual conv net (a 3→64 stem, two residual blocks of two 64→64 3×3 convs, global
+average pooling, a 64→10 head; 153k float32 parameters, the 3×3 kernels averaged spatially) on a fixed random batch
+of 16 8×8 images. An iteration is ``zero_grad()``, forward, ``loss.backward(create_graph=True)`` and ``step()``, with
+the Hessian every step and the paper's defaults (lr 0.15, betas (0.9, 0.999), eps 1e-4, Hessian power 1).
+
+The floor is what no implementation avoids: forward, the backward with ``create_graph=True`` and one Hessian-vector
+product over all parameters with Rademacher probes drawn the plain way (``torch.randint``, one draw per entry, as
+both peers draw them), and no optimizer arithmetic. Each contender's *time above the floor* is its median iteration
+minus the floor's median, measured in the same run; the bar is optimlab's time above the floor <= 0.5x the fastest
+peer's. optimlab draws its probes three times faster (31 entries per random word); a second floor with optimlab's
+draw shows how much of its margin that is. torch's AdamW iteration (a plain backward) shows what the second-order
+information costs.
+
+Every iteration is timed twice: wall time (``perf_counter``, the number that counts, on a quiet machine) and the
+process's CPU time (``process_time``), which other processes on a shared machine disturb far less.
+
+Contenders run in shuffled order in every round; each block resets the model to the same weights, takes warm-up
+iterations (state creation, kernel compilation) and then times single iterations.
+
+    python benchmarks/adahessian_time.py           # full run, results in benchmarks/results/
+    python benchmarks/adahessian_time.py --quick   # smoke run (~15 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import optimlab
+from optimlab._core.kernels import kernel_mode
+from optimlab.bench._files import write_atomic
+from optimlab.optim.adahessian import rademacher_probes
+from step_time import MAX_OTHERS, cpu_ticks, machine_info  # the house benchmark's machinery (same directory)
+
+PAPER = dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0, hessian_power=1.0)
+FLOOR, ADAMW = "floor: fwd + bwd(create_graph) + 1 HVP", "torch.AdamW (plain backward)"
+FLOOR_OURS = "floor, probes drawn as optimlab does"
+OURS = "optimlab.AdaHessian"
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class ResNetish(nn.Module):
+    def __init__(self, width: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.Sequential(Block(width), Block(width))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(torch.relu(self.stem(x))).mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    source: str  # "floor", "torch", "optimlab" or the peer's package
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer | None]
+    probes: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None  # floors only
+    create_graph: bool = True
+    kernels: str = "compiled"
+
+
+def _peer(path: str, params: list[torch.Tensor], **kw) -> torch.optim.Optimizer:
+    module, _, name = path.rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)(params, **kw)
+
+
+def contenders() -> list[Contender]:
+    return [
+        Contender(FLOOR, "floor", lambda ps: None, probes=plain_probes),
+        Contender(FLOOR_OURS, "floor", lambda ps: None, probes=rademacher_probes),
+        Contender(OURS, "optimlab", lambda ps: optimlab.AdaHessian(ps, **PAPER)),
+        Contender(f"{OURS} eager", "optimlab", lambda ps: optimlab.AdaHessian(ps, **PAPER), kernels="eager"),
+        Contender(
+            "torch_optimizer.Adahessian", "torch_optimizer", lambda ps: _peer("torch_optimizer.Adahessian", ps, **PAPER)
+        ),
+        Contender(
+            "pytorch_optimizer.AdaHessian",
+            "pytorch_optimizer",
+            lambda ps: _peer("pytorch_optimizer.AdaHessian", ps, **PAPER),
+        ),
+        Contender(ADAMW, "torch", lambda ps: torch.optim.AdamW(ps, lr=1e-3), create_graph=False),
+    ]
+
+
+def plain_probes(tensors: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """Rademacher probes, one random draw per entry (in one flat sample)."""
+    sizes = [t.numel() for t in tensors]
+    flat = torch.randint(0, 2, (sum(sizes),), generator=generator, dtype=tensors[0].dtype).mul_(2).sub_(1)
+    return [z.view(t.shape) for z, t in zip(flat.split(sizes), tensors)]
+
+
+def iteration(c: Contender, model: nn.Module, params: list, opt, data, generator: torch.Generator) -> None:
+    x, y = data
+    if opt is not None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward(create_graph=c.create_graph)
+        opt.step()
+        return
+    for p in params:  # the floor: the same passes, no optimizer arithmetic
+        p.grad = None
+    nn.functional.cross_entropy(model(x), y).backward(create_graph=True)
+    grads = [p.grad for p in params]
+    torch.autograd.grad(grads, params, grad_outputs=c.probes(grads, generator), retain_graph=True)
+
+
+def run_block(c: Contender, model: nn.Module, init: dict, data, warmup: int, steps: int) -> dict:
+    model.load_state_dict(init)
+    params = list(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    with kernel_mode(c.kernels):
+        ticks0, wall0 = cpu_ticks(), time.perf_counter()
+        opt = c.make(params)
+        for _ in range(warmup):
+            iteration(c, model, params, opt, data, generator)
+        times, cpu_times = [], []
+        gc.disable()
+        try:
+            for _ in range(steps):
+                c0, t0 = time.process_time_ns(), time.perf_counter_ns()
+                iteration(c, model, params, opt, data, generator)
+                times.append((time.perf_counter_ns() - t0) / 1e6)
+                cpu_times.append((time.process_time_ns() - c0) / 1e6)
+        finally:
+            gc.enable()
+        ticks1, wall1 = cpu_ticks(), time.perf_counter()
+    for p in params:
+        p.grad = None  # frees the graph
+    others = None
+    if ticks0 and ticks1:
+        others = ((ticks1[0] - ticks0[0]) - (ticks1[1] - ticks0[1])) / os.sysconf("SC_CLK_TCK") / (wall1 - wall0)
+    return {"times_ms": times, "cpu_ms": cpu_times, "others_cores": others}
+
+
+def run(rounds: int, warmup: int, steps: int, rows: list[Contender], rng: random.Random) -> dict:
+    torch.manual_seed(rng.randrange(2**31))
+    model = ResNetish()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    data = (torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,)))
+    out = {c.name: {"source": c.source, "blocks": []} for c in rows}
+    for r in range(rounds):
+        order = [c for c in rows if "error" not in out[c.name]]
+        rng.shuffle(order)
+        for c in order:
+            print(f"  round {r + 1}/{rounds}: {c.name}", file=sys.stderr, flush=True)
+            try:
+                out[c.name]["blocks"].append(run_block(c, model, init, data, warmup, steps))
+            except Exception as e:  # a contender that cannot run here is reported, not fatal
+                out[c.name]["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                gc.collect()
+    for res in out.values():
+        quiet = [b for b in res["blocks"] if b["others_cores"] is None or b["others_cores"] <= MAX_OTHERS]
+        t = [x for b in quiet or res["blocks"] for x in b["times_ms"]]
+        if t:
+            q1, med, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (t[0],) * 3
+            cpu = statistics.median(x for b in res["blocks"] for x in b["cpu_ms"])
+            res.update(median_ms=med, q1_ms=q1, q3_ms=q3, cpu_median_ms=cpu, quiet_blocks=len(quiet))
+    n = sum(p.numel() for p in model.parameters())
+    return {
+        "n_params": n,
+        "n_tensors": len(init),
+        "rounds": rounds,
+        "warmup": warmup,
+        "steps": steps,
+        "contenders": out,
+    }
+
+
+def isolated(rounds: int, steps: int, rows: list[Contender], rng: random.Random) -> dict:
+    """``step()`` alone with the Hessian-vector product replaced by a cached result (``torch.autograd.grad`` returns
+    copies of one product): the optimizer's own work, which the bar is about, without the ~20 ms of the product and
+    its noise. The floor here is the probe draw plus the copies. Each step gets fresh copies of the gradients (with
+    their graph), set outside the timer (torch-optimizer detaches ``p.grad`` in place)."""
+    torch.manual_seed(rng.randrange(2**31))
+    model = ResNetish()
+    params = list(model.parameters())
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params, create_graph=True)
+    cached = [
+        h.detach()
+        for h in torch.autograd.grad(
+            grads, params, grad_outputs=plain_probes(list(grads), torch.Generator()), retain_graph=True
+        )
+    ]
+    real_grad, torch.autograd.grad = torch.autograd.grad, lambda *a, **k: tuple(h.clone() for h in cached)
+    out: dict = {c.name: {"source": c.source, "wall_ms": [], "cpu_ms": []} for c in rows if c.source != "torch"}
+    try:
+        for _ in range(rounds):
+            order = [c for c in rows if c.name in out]
+            rng.shuffle(order)
+            for c in order:
+                generator = torch.Generator().manual_seed(0)
+                with kernel_mode(c.kernels):
+                    opt = c.make(params)
+                    for i in range(steps + 3):  # 3 warm-up steps
+                        for p, g in zip(params, grads):
+                            p.grad = g.clone()
+                        c0, t0 = time.process_time_ns(), time.perf_counter_ns()
+                        if opt is None:
+                            c.probes(list(grads), generator)
+                            torch.autograd.grad()
+                        else:
+                            opt.step()
+                        wall, cpu = (time.perf_counter_ns() - t0) / 1e6, (time.process_time_ns() - c0) / 1e6
+                        if i >= 3:
+                            out[c.name]["wall_ms"].append(wall)
+                            out[c.name]["cpu_ms"].append(cpu)
+                gc.collect()
+    finally:
+        torch.autograd.grad = real_grad
+    for res in out.values():
+        res["wall_median_ms"], res["cpu_median_ms"] = (statistics.median(res.pop(k)) for k in ("wall_ms", "cpu_ms"))
+    for clock in ("wall", "cpu"):
+        for floor_name, tag in ((FLOOR, ""), (FLOOR_OURS, "our_probes_")):
+            floor, key = out[floor_name][f"{clock}_median_ms"], f"{clock}_above_{tag}floor_ms"
+            for res in out.values():
+                if res["source"] != "floor":
+                    res[key] = res[f"{clock}_median_ms"] - floor
+            peers = [r[key] for r in out.values() if r["source"].endswith("optimizer")]
+            for res in out.values():
+                if res["source"] != "floor" and min(peers) > 0:
+                    res[f"{key}_x_fastest_peer"] = res[key] / min(peers)
+    return {"rounds": rounds, "steps": steps, "contenders": out}
+
+
+def add_ratios(result: dict) -> None:
+    """Times above each floor, for wall time and CPU time, and the bar (ours over the fastest peer)."""
+    res = result["contenders"]
+    result["bar"] = {"limit": 0.5}
+    for clock in ("", "cpu_"):
+        for floor_name, tag in ((FLOOR, ""), (FLOOR_OURS, "our_probes_")):
+            floor = res[floor_name].get(f"{clock}median_ms")
+            key = f"{clock}above_{tag}floor_ms"
+            for v in res.values():
+                if f"{clock}median_ms" in v and floor is not None and v["source"] not in ("floor", "torch"):
+                    v[key] = v[f"{clock}median_ms"] - floor
+            peers = [v[key] for v in res.values() if v["source"].endswith("optimizer") and key in v]
+            for v in res.values():
+                if key in v and peers and min(peers) > 0:  # (not within noise of the floor)
+                    v[f"{key}_x_fastest_peer"] = v[key] / min(peers)
+            result["bar"][f"{key}_x_fastest_peer"] = res[OURS].get(f"{key}_x_fastest_peer")
+    adamw = res[ADAMW].get("median_ms")
+    for v in res.values():
+        if "median_ms" in v and adamw:
+            v["x_adamw_iteration"] = v["median_ms"] / adamw
+    ours = result["bar"]["above_floor_ms_x_fastest_peer"]
+    result["bar"]["met"] = None if ours is None else ours <= result["bar"]["limit"]  # below the floor: cheaper probes
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def markdown(data: dict) -> str:
+    m, r = data["machine"], data["result"]
+    lines = [
+        f"# AdaHessian iteration time — {m['date']}",
+        "",
+        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, optimlab {m['optimlab']} ({m['git']}). "
+        f"1-min load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. "
+        f"ResNet-ish conv net, {r['n_params']:,} float32 parameters in {r['n_tensors']} tensors, batch 16×3×8×8; "
+        f"{r['rounds']} rounds × {r['steps']} timed iterations after {r['warmup']} warm-up, contenders shuffled per "
+        f"round. Wall time: median over the quiet blocks (other processes used <= {MAX_OTHERS} cores; all blocks if "
+        "none was quiet); CPU time: this process's, median over all blocks. Hessian every step, paper defaults (lr "
+        "0.15, eps 1e-4, Hessian power 1). Above floor: minus the floor with plain probes; × peer: over the fastest "
+        "peer's time above the same floor.",
+        "",
+        "| contender | wall ms/iter | p25–p75 | above floor ms | × peer | CPU ms/iter | CPU above floor ms | × peer "
+        "| CPU above floor with our probes ms | × peer | × AdamW iteration | quiet blocks |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, v in sorted(r["contenders"].items(), key=lambda kv: kv[1].get("median_ms", float("inf"))):
+        if "median_ms" not in v:
+            lines.append(f"| {name} | failed: {v.get('error', 'not run')} |||||||||||")
+            continue
+        lines.append(
+            f"| {name} | {v['median_ms']:.2f} | {v['q1_ms']:.2f}–{v['q3_ms']:.2f} "
+            f"| {_f(v.get('above_floor_ms'), '.2f')} | {_f(v.get('above_floor_ms_x_fastest_peer'), '.2f')} "
+            f"| {v['cpu_median_ms']:.2f} | {_f(v.get('cpu_above_floor_ms'), '.2f')} "
+            f"| {_f(v.get('cpu_above_floor_ms_x_fastest_peer'), '.2f')} "
+            f"| {_f(v.get('cpu_above_our_probes_floor_ms'), '.2f')} "
+            f"| {_f(v.get('cpu_above_our_probes_floor_ms_x_fastest_peer'), '.2f')} "
+            f"| {_f(v.get('x_adamw_iteration'), '.2f')} | {v['quiet_blocks']}/{len(v['blocks'])} |"
+        )
+    iso = data["isolated"]
+    lines += [
+        "",
+        f"## step() alone, the Hessian-vector product cached ({iso['rounds']} rounds × {iso['steps']} steps)",
+        "",
+        "The optimizer's own work without the product's ~20 ms and its noise (see `isolated()`); floor: the probe "
+        "draw and the copies of the cached product.",
+        "",
+        "| contender | wall ms/step | above floor ms | × peer | CPU ms/step | CPU above floor ms | × peer "
+        "| CPU above floor with our probes ms | × peer |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, v in sorted(iso["contenders"].items(), key=lambda kv: kv[1]["cpu_median_ms"]):
+        cells = [f"{v['wall_median_ms']:.3f}"]
+        for key in ("wall_above_floor_ms", "cpu_median_ms", "cpu_above_floor_ms", "cpu_above_our_probes_floor_ms"):
+            cells.append(_f(v.get(key), ".3f"))
+            if key != "cpu_median_ms":
+                cells.append(_f(v.get(f"{key}_x_fastest_peer"), ".2f"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    bar = r["bar"]
+    verdict = "not measurable (a peer is within noise of the floor)" if bar["met"] is None else ""
+    verdict = verdict or ("met" if bar["met"] else "NOT met")
+    lines += [
+        "",
+        f"Bar: optimlab's time above the floor <= {bar['limit']}× the fastest peer's (wall time): "
+        f"{_f(bar['above_floor_ms_x_fastest_peer'], '.2f')}× — {verdict}. CPU time: "
+        f"{_f(bar['cpu_above_floor_ms_x_fastest_peer'], '.2f')}×; CPU time above the floor with optimlab's probe draw: "
+        f"{_f(bar['cpu_above_our_probes_floor_ms_x_fastest_peer'], '.2f')}×.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 5 iterations")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    rounds, warmup, steps = (2, 2, 5) if args.quick else (10, 3, 20)
+    started = time.perf_counter()
+    data = {"machine": machine_info(args.threads), "args": {**vars(args), "out": str(args.out)}}
+    data["result"] = run(rounds, warmup, steps, contenders(), random.Random(args.seed))
+    add_ratios(data["result"])
+    data["isolated"] = isolated(*((2, 10) if args.quick else (10, 40)), contenders(), random.Random(args.seed))
+    data["runtime_s"], data["machine"]["loadavg_end"] = time.perf_counter() - started, os.getloadavg()
+    table = markdown(data)
+    write_atomic(args.out / "adahessian_time.json", lambda f: f.write(json.dumps(data, indent=1) + "\n"))
+    write_atomic(args.out / "adahessian_time.md", lambda f: f.write(table))
+    print(table)
+    print(f"runtime {data['runtime_s']:.0f} s; wrote {args.out / 'adahessian_time.json'} and .md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
