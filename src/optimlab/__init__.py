@@ -15,6 +15,7 @@ from optimlab.optim.adan import Adan
 from optimlab.optim.coord_clipped import CoordClippedAdam, CoordClippedLion, CoordClippedSGD, CoordClippedSignSGD
 from optimlab.optim.diffgrad import DiffGrad
 from optimlab.optim.exadam import EXAdam
+from optimlab.optim.frugal import FRUGAL, frugal_param_groups
 from optimlab.optim.lion import Lion, LionK
 from optimlab.optim.mfac import MFAC, MFACInverse, mfac_ihvp
 from optimlab.optim.sso import SSO
@@ -36,6 +37,8 @@ __all__ = [
     "CoordClippedSignSGD",
     "DiffGrad",
     "EXAdam",
+    "FRUGAL",
+    "frugal_param_groups",
     "Lion",
     "LionK",
     "MFAC",
@@ -45,12 +48,12 @@ __all__ = [
     "OrthoGrad",
     "SSO",
     "StableMaxCrossEntropyLoss",
+    "TrAct",
+    "WTACRSLinear",
     "REGISTRY",
     "MethodInfo",
     "available",
     "create",
     "get",
     "__version__",
-    "TrAct",
-    "WTACRSLinear",
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-SUITE_NAMES = ("quick", "full", "aids")  # optimlab.bench.plan.SUITES (not imported here: start-up stays light)
+SUITE_NAMES = ("quick", "full", "aids", "curvature-memory")  # optimlab.bench.plan.SUITES (not imported here: start-up stays light)
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     suite = bench.add_mutually_exclusive_group()
     suite.add_argument("--quick", action="store_const", const="quick", dest="suite", help="the quick suite (default)")
     suite.add_argument("--suite", choices=SUITE_NAMES, help="which suite to run (aids: refined schedules and "
-                       "StableMax + ⊥Grad)")
+                       "StableMax + ⊥Grad; curvature-memory: AdaHessian, M-FAC, FRUGAL, TrAct, WTA-CRS)")
     bench.add_argument("--optimizers", type=_csv, help="comma-separated optimizer specs (overrides the suite's)")
     bench.add_argument("--workloads", type=_csv, help="comma-separated workload names (overrides the suite's)")
     bench.add_argument("--out", type=Path, help="output folder (default: bench-results/<suite>)")

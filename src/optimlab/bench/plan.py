@@ -105,6 +105,23 @@ SUITES: dict[str, Suite] = {
             "modadd-grokking-stablemax": ("torch:AdamW[weight_decay=0]", "orthograd(torch:AdamW[weight_decay=0])"),
         },
     ),
+    # curvature and memory-efficient methods (issue 7) beside AdamW: AdaHessian and M-FAC on the CNN, FRUGAL on the
+    # language model, and the two layers (TrAct, WTA-CRS) as workload variants trained by AdamW, each paired with
+    # AdamW on the unmodified workload; every pair gets the same number of tuning trials
+    "curvature-memory": Suite(
+        "curvature-memory",
+        workloads=("mnist1d-cnn", "mnist1d-cnn-tract", "charlm", "charlm-wtacrs"),
+        optimizers=("torch:AdamW",),
+        tuning_trials=6,
+        seeds=3,
+        # 5 learning rates per transformer pair: a charlm trial takes ~40-60 s, and 5 log-spaced points put one
+        # at 3.16e-3 in both AdamW's range and FRUGAL's, where charlm trains well
+        tuning_trials_for={"charlm": 5, "charlm-wtacrs": 5},
+        optimizers_for={
+            "mnist1d-cnn": ("torch:AdamW", "adahessian", "mfac"),
+            "charlm": ("torch:AdamW", "frugal", "frugal[proj_type='svd']"),
+        },
+    ),
 }
 
 

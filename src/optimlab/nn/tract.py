@@ -29,7 +29,7 @@ Two limits, both checked by the tests: :math:`\lambda \nabla_W^{\text{TrAct}} \t
 :math:`\lambda\to\infty` (plain training with the learning rate divided by :math:`\lambda`), and for whitened
 inputs (:math:`X^\top X / b = I`) :math:`\nabla_W^{\text{TrAct}} = G^\top X / (1 + \lambda)`.
 
-Hyperparameter (default): ``lam`` :math:`\lambda` = 0.1, a finite number > 0 (the method's only hyperparameter;
+Hyperparameters (defaults): ``lam`` :math:`\lambda` = 0.1, a finite number > 0 (the method's only hyperparameter;
 the official README recommends 0.1). Larger :math:`\lambda` moves towards plain training. The paper trains with
 the baseline's optimizer settings unchanged (e.g. ResNet-18 on CIFAR-10 with SGD, momentum 0.9, lr 0.08, cosine
 schedule).
@@ -50,7 +50,7 @@ Choices and differences from the official code:
 - the wrapper takes the layer's own ``weight`` and ``bias`` Parameters (no copies), so optimizers, checkpoints
   and ``state_dict`` keys are unchanged by wrapping.
 
-Usage, as in the paper (only the first layer)::
+Coming from a plain first layer: wrap it (only the first layer, as in the paper) and keep the optimizer::
 
     model = torchvision.models.resnet18(num_classes=10)
     model.conv1 = TrAct(model.conv1)          # or: TrAct.wrap(model, "conv1")
