@@ -23,6 +23,7 @@ import platform
 import subprocess
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -187,11 +188,20 @@ def _warm_up(
         for _ in range(2):
             if create_graph:
                 warm.zero_grad(set_to_none=True)
-                sum((0.0 * c.square()).sum() for c in copies).backward(create_graph=True)
+                _backward(sum((0.0 * c.square()).sum() for c in copies), create_graph=True)
             else:
                 for c in copies:
                     c.grad = torch.zeros_like(c)
             warm.step()
+    warm.zero_grad(set_to_none=True)  # frees a gradient graph now (it references its parameter)
+
+
+def _backward(loss: torch.Tensor, create_graph: bool) -> None:
+    with warnings.catch_warnings():
+        # torch warns that a graph in p.grad references its parameter; the next zero_grad(set_to_none=True) (and
+        # the end of the trial) breaks that cycle
+        warnings.filterwarnings("ignore", r"Using backward\(\) with create_graph=True", UserWarning)
+        loss.backward(create_graph=create_graph)
 
 
 def _train(
@@ -209,7 +219,7 @@ def _train(
         nonlocal grad_evals
         opt.zero_grad(set_to_none=True)
         loss = task.train_loss(step)
-        loss.backward(create_graph=create_graph)
+        _backward(loss, create_graph)
         grad_evals += 1
         return loss
 
@@ -246,6 +256,8 @@ def _train(
     if values:
         record.best_val = max(values) if workload.higher_is_better else min(values)
     record.state_bytes = _state_bytes(opt)
+    if create_graph:  # a gradient with a graph references its parameter: break the cycle now, not at gc time
+        opt.zero_grad(set_to_none=True)
 
 
 def _norm_dtype(device: torch.device) -> torch.dtype:
