@@ -16,6 +16,16 @@ from optimlab.nn import TrAct, tract, tract_weight_grad
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small solves and convolutions: intra-op threads only add synchronisation (and stall badly on a loaded
+    machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -289,6 +299,10 @@ def test_invalid_lambda_names_the_argument_and_range(lam):
         TrAct(nn.Linear(2, 2), lam=lam)
     with pytest.raises(ValueError, match="Invalid lam"):
         tract(torch.randn(1, 2), torch.randn(2, 2), lam=lam)
+    with pytest.raises(ValueError, match="Invalid lam.*0 < lam"):  # was NaN (lam 0, NaN) or a wrong matrix (< 0)
+        tract_weight_grad(torch.randn(5, 3), torch.randn(5, 2), lam)
+    with pytest.raises(ValueError, match="Invalid lam.*0 < lam"):  # the Woodbury branch (b < n) too
+        tract_weight_grad(torch.randn(2, 3), torch.randn(2, 2), lam)
     layer = TrAct(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="0 < lam"):
         layer.lam = lam

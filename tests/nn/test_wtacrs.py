@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -10,12 +11,16 @@ from torch import nn
 
 import optimlab
 from optimlab.nn.wtacrs import (
+    ExampleNormCache,
     WTACRSLinear,
     deterministic_count,
+    load_wtacrs_rng_state,
     replace_linear_layers,
     row_probabilities,
     sample_size,
     wtacrs_example_ids,
+    wtacrs_linear,
+    wtacrs_rng_state,
     wtacrs_sample,
 )
 
@@ -298,6 +303,49 @@ def test_example_ids_cache_norms_and_steer_the_sample():
     assert heavy.isdisjoint(rows[2:].tolist())
 
 
+def buffer_changes(cache: ExampleNormCache, writes) -> int:
+    """How many times the cache's storage is replaced over ``writes`` (ids, rows) pairs. The old buffers are kept
+    alive, so that a new one cannot reuse an old address and go uncounted."""
+    kept, changes = [], 0
+    for ids, rows in writes:
+        before = cache.norms.untyped_storage().data_ptr()  # (an empty view's own data_ptr() is 0)
+        cache.write(ids, (ids[:, None] % 7 + 1).float().expand(-1, rows))
+        if cache.norms.untyped_storage().data_ptr() != before:
+            kept.append(cache.norms)
+            changes += 1
+    return changes
+
+
+def test_norm_cache_grows_geometrically_for_increasing_ids():
+    """An unshuffled loader: ids 0, 1, 2, ... in batches of 2, and a row count that grows too. Growing to the exact
+    size reallocated (and copied everything) on each batch, quadratic in the dataset; doubling takes a logarithmic
+    number of reallocations per dimension."""
+    cache = ExampleNormCache()
+    n = 4096
+    writes = [(torch.arange(i, i + 2), 1 + i // 32) for i in range(0, n, 2)]  # rows: 1 .. 128
+    changes = buffer_changes(cache, writes)
+    assert changes <= 13 + 8, changes  # log2(4096) + 1 for the ids, log2(128) + 1 for the rows
+    assert cache.norms.shape == (n, 128) and cache.capacity[0] >= n
+    for ids, rows in writes[::97]:  # the contents survive the moves, and rows never written stay zero
+        expected = (ids[:, None] % 7 + 1).to(torch.bfloat16).expand(-1, rows)
+        assert torch.equal(cache.norms[ids, :rows], expected) and not cache.norms[ids, rows:].any()
+
+
+def test_norm_cache_preallocation_and_clear():
+    cache = ExampleNormCache(num_examples=100, max_rows=8)
+    assert cache.norms.shape == (0, 0) and cache.capacity == (100, 8)
+    assert buffer_changes(cache, [(torch.tensor([i, 99 - i]), 1 + i % 8) for i in range(50)]) == 0
+    assert cache.norms.shape == (100, 8)
+    torch.testing.assert_close(cache.read(torch.tensor([3]), 4, torch.device("cpu")), torch.full((4,), 4.0))
+    cache.clear()
+    assert cache.norms.shape == (0, 0) and cache.capacity == (100, 8)
+    assert not cache.read(torch.tensor([3]), 4, torch.device("cpu")).any()
+    with pytest.raises(ValueError, match="Invalid num_examples"):
+        ExampleNormCache(num_examples=-1)
+    with pytest.raises(ValueError, match="Invalid max_rows"):
+        ExampleNormCache(max_rows=2.5)
+
+
 def test_example_ids_errors():
     _, layer = pair()
     x = torch.randn(4, 10, 12, dtype=F64, requires_grad=True)
@@ -365,6 +413,104 @@ def test_replace_linear_layers_errors():
 def test_invalid_hyperparameters_name_the_argument(arg, value):
     with pytest.raises(ValueError, match=f"Invalid {arg}"):
         WTACRSLinear(4, 4, **{arg: value})
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"budget": 0.0}, r"Invalid budget: 0\.0; expected .*0 < budget <= 1"),
+        ({"budget": 1.5}, r"Invalid budget"),
+        # used to crash inside torch.multinomial (k = 0 rows)
+        ({"budget": 0.01, "minimal_k": 0}, r"Invalid minimal_k: 0; expected an integer with 1 <= minimal_k"),
+        ({"minimal_k": 2.0}, r"Invalid minimal_k"),
+        # used to become top-k with no sampled part, silently biased
+        (
+            {"deter_adaptive": False, "deter_ratio": 1.0},
+            r"Invalid deter_ratio: 1\.0; expected .*deter_ratio < 1 .*biased",
+        ),
+        ({"deter_ratio": -0.1}, r"Invalid deter_ratio"),
+    ],
+)
+def test_functional_form_validates_its_sampling_arguments(options, match):
+    x, w = torch.randn(4, 25, 12, requires_grad=True), torch.randn(7, 12, requires_grad=True)
+    with pytest.raises(ValueError, match=match):
+        wtacrs_linear(x, w, **options)
+
+
+@pytest.mark.parametrize("name, value", [("budget", 0.0), ("budget", 2.0), ("minimal_k", 0), ("deter_ratio", 1.0)])
+def test_sampling_attributes_are_validated_on_assignment(name, value):
+    linear, layer = pair(budget=0.3)
+    before = getattr(layer, name)
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        setattr(layer, name, value)
+    assert getattr(layer, name) == before
+
+
+def test_assigned_sampling_attributes_take_effect_and_survive_old_pickles():
+    linear, layer = pair(budget=0.3)
+    layer.budget, layer.minimal_k, layer.deter_ratio = 1.0, 3, 0.25
+    assert (layer.budget, layer.minimal_k, layer.deter_ratio) == (1.0, 3, 0.25)
+    x, g = skewed_problem(n=200)
+    for ours, theirs in zip(grads(layer, x, g), grads(linear, x, g)):  # budget 1: the exact layer
+        assert torch.equal(ours, theirs)
+    # a layer pickled before these were properties holds them under their public names
+    state = dict(layer.__dict__)
+    for name in ("budget", "minimal_k", "deter_ratio"):
+        state[name] = state.pop(f"_{name}")
+    old = WTACRSLinear.__new__(WTACRSLinear)
+    old.__setstate__(state)
+    assert (old.budget, old.minimal_k, old.deter_ratio) == (1.0, 3, 0.25)
+
+
+# -- resuming -------------------------------------------------------------------------------------------------
+def sampled_model() -> nn.Module:
+    torch.manual_seed(0)
+    return replace_linear_layers(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5)), budget=0.2, seed=3)
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int, start: int) -> list[torch.Tensor]:
+    """``steps`` SGD steps on batches that depend on the step number only; the weight gradients of each step."""
+    out = []
+    for t in range(start, start + steps):
+        x = torch.randn(6, 20, 12, generator=torch.Generator().manual_seed(t))
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        out.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        opt.step()
+    return out
+
+
+def test_rng_state_helpers_resume_bit_identically():
+    model = sampled_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_steps(model, opt, 2, start=0)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": wtacrs_rng_state(model)}, buffer)
+    expected = train_steps(model, opt, 3, start=2)
+
+    def resumed(restore: bool) -> list[torch.Tensor]:
+        buffer.seek(0)
+        checkpoint = torch.load(buffer, weights_only=True)
+        twin = replace_linear_layers(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5)), budget=0.2, seed=3)
+        twin.load_state_dict(checkpoint["model"])
+        twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+        twin_opt.load_state_dict(checkpoint["opt"])
+        if restore:
+            load_wtacrs_rng_state(twin, checkpoint["rng"])
+        return train_steps(twin, twin_opt, 3, start=2)
+
+    assert set(wtacrs_rng_state(model)) == {"0", "2"}
+    assert all(torch.equal(a, b) for a, b in zip(resumed(True), expected))
+    assert not torch.equal(resumed(False)[0], expected[0])  # the generators restart from their seeds otherwise
+
+
+def test_load_rng_state_refuses_mismatched_layers():
+    model = sampled_model()
+    state = wtacrs_rng_state(model)
+    before = model[0].generator.get_state()
+    with pytest.raises(KeyError, match=r"missing \['2'\], unexpected \['9'\]"):
+        load_wtacrs_rng_state(model, {"0": state["0"], "9": state["2"]})
+    assert torch.equal(model[0].generator.get_state(), before)
 
 
 # -- dtypes ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,16 @@ from optimlab.optim.adahessian import adahessian_, adahessian_update, hessian_di
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors and double backward passes: intra-op threads only add synchronisation (and stall badly on a
+    loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_cnn(seed: int = 0) -> nn.Module:
     """A 4-D conv kernel, a 3-D one (Conv1d), a matrix and biases; non-separable, float64."""
     torch.manual_seed(seed)
@@ -272,6 +282,42 @@ def test_a_new_parameter_forces_a_hessian_step() -> None:
         loss.backward(create_graph=step in (0, 2))
         opt.step()
     assert "hessian_diag" in opt.state[b] and opt.state[b]["step"] == 1
+
+
+def test_hessian_due_covers_a_parameter_that_first_gets_a_gradient_later() -> None:
+    """The documented loop, ``backward(create_graph=opt.hessian_due)``, with a parameter whose first gradient comes
+    on an off-schedule step: that step must compute its D, so hessian_due says so (a frozen parameter, which never
+    gets a gradient, does not keep every step due)."""
+    a, b = nn.Parameter(torch.ones(3, dtype=F64)), nn.Parameter(torch.full((2,), 2.0, dtype=F64))
+    frozen = nn.Parameter(torch.ones(4, dtype=F64), requires_grad=False)
+    opt = AdaHessian([a, b, frozen], lr=0.1, update_each=4)
+    due = []
+    for step in range(9):
+        due.append(opt.hessian_due)
+        before = b.detach().clone()
+        opt.zero_grad()
+        loss = (a**4).sum() + ((b**4).sum() if step >= 1 else 0)
+        loss.backward(create_graph=opt.hessian_due)
+        opt.step()
+    assert due == [True, True, False, False, True, False, False, False, True]
+    assert opt.state[b]["step"] == 8 and "hessian_diag" in opt.state[b] and frozen not in opt.state
+    # the last step was due: on a separable quartic |Hz| = 12 b² exactly, at b's value before that step (an
+    # unaveraged D is kept as Hz, its sign left out: the update uses D² only)
+    torch.testing.assert_close(opt.state[b]["hessian_diag"].abs(), 12 * before**2, rtol=1e-15, atol=0)
+
+
+def test_missing_create_graph_for_a_new_parameter_names_it() -> None:
+    a, b = nn.Parameter(torch.ones(3, dtype=F64)), nn.Parameter(torch.ones(2, dtype=F64))
+    opt = AdaHessian([a, b], update_each=4)
+    (a**4).sum().backward(create_graph=True)
+    opt.step()
+    opt.zero_grad()
+    ((a**4).sum() + (b**4).sum()).backward()
+    with pytest.raises(
+        RuntimeError, match=r"parameter 1 of param group 0 \(shape \(2,\)\) has no Hessian estimate yet"
+    ):
+        opt.step()
+    assert opt.state[b]["step"] == 0 and opt.hessian_due
 
 
 # -- errors ----------------------------------------------------------------------------------------------------

@@ -8,12 +8,20 @@ from optimlab.nn.stablemax import (
     stablemax_s,
 )
 from optimlab.nn.tract import TrAct, tract, tract_weight_grad
-from optimlab.nn.wtacrs import WTACRSLinear, replace_linear_layers, wtacrs_example_ids, wtacrs_linear
+from optimlab.nn.wtacrs import (
+    WTACRSLinear,
+    load_wtacrs_rng_state,
+    replace_linear_layers,
+    wtacrs_example_ids,
+    wtacrs_linear,
+    wtacrs_rng_state,
+)
 
 __all__ = [
     "StableMaxCrossEntropyLoss",
     "TrAct",
     "WTACRSLinear",
+    "load_wtacrs_rng_state",
     "log_stablemax",
     "replace_linear_layers",
     "stablemax",
@@ -23,4 +31,5 @@ __all__ = [
     "tract_weight_grad",
     "wtacrs_example_ids",
     "wtacrs_linear",
+    "wtacrs_rng_state",
 ]

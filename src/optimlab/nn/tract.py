@@ -112,7 +112,9 @@ def tract_weight_grad(inputs: Tensor, grad_outputs: Tensor, lam: float = 0.1) ->
     ``inputs`` :math:`X` (b×n), and the output gradients ``grad_outputs`` :math:`G` (b×m).
 
     Takes the n×n solve when b ≥ n and the b×b (Woodbury) one when b < n; computes in float32 for 16-bit inputs
-    and returns the inputs' dtype."""
+    and returns the inputs' dtype. ``lam`` must be a finite number > 0 (``ValueError`` otherwise): at 0 the matrix
+    may be singular (NaN), and below 0 it is not positive definite (a wrong, finite result)."""
+    check_hyperparameters(HYPERPARAMETERS, {"lam": lam})
     if inputs.dim() != 2 or grad_outputs.dim() != 2 or inputs.shape[0] != grad_outputs.shape[0]:
         raise ValueError(
             f"tract_weight_grad takes inputs (b, n) and grad_outputs (b, m) with the same b; got "

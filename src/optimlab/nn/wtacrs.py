@@ -62,7 +62,9 @@ Where optimlab departs from or chooses within the official code:
   replacement and do not reweight) is not offered: it is biased. ``sample_replacement=False`` is the official
   code's other biased mode (:math:`k` distinct rows drawn by :math:`p`, no deterministic set, no reweighting),
   kept for ablations only;
-- the cache is per layer, not a process-wide buffer, and grows to the largest example id and row count seen.
+- the cache is per layer, not a process-wide buffer, and grows to the largest example id and row count seen
+  (doubling its capacity, so increasing ids cost a logarithmic number of copies; :class:`ExampleNormCache` can
+  also be preallocated).
 
 Hyperparameters (defaults) of :class:`WTACRSLinear`, besides those of ``nn.Linear``: ``budget`` 0.3 (the
 fraction of rows kept; the paper's main GLUE runs use 0.3, its "level 2" configuration; the official
@@ -75,12 +77,25 @@ shared, so an optimizer built before or after keeps working). The paper's main r
 attention output projection and the feed-forward layers, not the query/key/value projections. In ``eval()``
 mode, under ``torch.no_grad()`` or for a frozen weight the layer is exactly ``nn.Linear``. Its ``state_dict`` is
 ``nn.Linear``'s (the generator and the norm cache are not saved), so checkpoints load into either.
+
+Resuming: to continue a run with the same draws, save :func:`wtacrs_rng_state` next to the ``state_dict`` and
+restore it with :func:`load_wtacrs_rng_state` after moving the model to its device::
+
+    torch.save({"model": model.state_dict(), "wtacrs_rng": wtacrs_rng_state(model)}, path)
+    ...
+    checkpoint = torch.load(path, weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    load_wtacrs_rng_state(model, checkpoint["wtacrs_rng"])
+
+The norm cache is not part of it: with example ids, the resumed run samples by :math:`\lVert x\rVert` until each
+example's next visit refills the cache, so its draws differ from the uninterrupted run's for that epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,16 +109,43 @@ __all__ = [
     "ExampleNormCache",
     "WTACRSLinear",
     "deterministic_count",
+    "load_wtacrs_rng_state",
     "replace_linear_layers",
     "row_probabilities",
     "sample_size",
     "wtacrs_example_ids",
     "wtacrs_linear",
+    "wtacrs_rng_state",
     "wtacrs_sample",
 ]
 
 EPS = 1e-8  # smoothing of the probabilities (official value)
 LONG_TAIL = 1e-3  # the sampled part is dropped when the deterministic set holds more than 1 - LONG_TAIL
+
+
+@dataclass(frozen=True)
+class _ExplainedInterval(Interval):
+    """An interval whose error message also says why the bound is there."""
+
+    reason: str = ""
+
+    def describe(self, name: str) -> str:
+        return f"{super().describe(name)} ({self.reason})"
+
+
+# the rules of the hyperparameters that shape the sample, shared by the functional form, the layer's constructor
+# and its setters
+SAMPLING_HYPERPARAMETERS = {
+    "budget": Interval(0.0, 1.0, low_closed=False),
+    "minimal_k": Interval(1, integer=True),
+    "deter_ratio": _ExplainedInterval(
+        0.0,
+        1.0,
+        high_closed=False,
+        reason="at 1 every kept row would be deterministic: a top-k estimate with no sampled part, biased; "
+        "use budget=1.0 for the exact gradient",
+    ),
+}
 
 
 # -- functional core ------------------------------------------------------------------------------------------
@@ -169,30 +211,57 @@ def wtacrs_sample(
 
 class ExampleNormCache:
     """:math:`\\lVert\\delta y\\rVert` per (example id, row position within the example), bfloat16 on the CPU (as in
-    the official code: it can be large), zero until the backward pass of the example's first visit writes it."""
+    the official code: it can be large), zero until the backward pass of the example's first visit writes it.
 
-    def __init__(self) -> None:
-        self.norms = torch.zeros(0, 0, dtype=torch.bfloat16)
+    ``num_examples`` and ``max_rows`` preallocate it (e.g. the dataset's size and sequence length). Beyond that it
+    grows as ids and row counts arrive, each dimension to at least twice its previous capacity, so that increasing
+    ids (an unshuffled loader) cost a logarithmic number of reallocations, not one per batch (quadratic copying)."""
+
+    def __init__(self, num_examples: int = 0, max_rows: int = 0) -> None:
+        check_hyperparameters(_CACHE_SIZES, {"num_examples": num_examples, "max_rows": max_rows})
+        self._initial = (num_examples, max_rows)
+        self.clear()
+
+    @property
+    def norms(self) -> Tensor:
+        """The cached norms, ``(largest example id seen + 1, most rows seen)``: a view of the preallocated buffer."""
+        return self._buffer[: self._examples, : self._rows]
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """The allocated ``(examples, rows)``, at least the shape of :attr:`norms`."""
+        return tuple(self._buffer.shape)
 
     def _ensure(self, n_examples: int, rows: int) -> None:
-        old = self.norms
+        old = self._buffer
         if n_examples > old.shape[0] or rows > old.shape[1]:
-            grown = torch.zeros(max(n_examples, old.shape[0]), max(rows, old.shape[1]), dtype=old.dtype)
-            grown[: old.shape[0], : old.shape[1]] = old
-            self.norms = grown
+            grown = torch.zeros(_grow(old.shape[0], n_examples), _grow(old.shape[1], rows), dtype=old.dtype)
+            grown[: self._examples, : self._rows] = self.norms
+            self._buffer = grown
+        self._examples, self._rows = max(self._examples, n_examples), max(self._rows, rows)
 
     def read(self, ids: Tensor, rows: int, device: torch.device) -> Tensor:
         """The cached norms of the examples ``ids`` (CPU int64), ``rows`` each, flattened, float32 on ``device``."""
         self._ensure(int(ids.max()) + 1, rows)
-        return self.norms[ids, :rows].reshape(-1).to(device=device, dtype=torch.float32)
+        return self._buffer[ids, :rows].reshape(-1).to(device=device, dtype=torch.float32)
 
     def write(self, ids: Tensor, norms: Tensor) -> None:
         """Store ``norms`` of shape (len(ids), rows) for the examples ``ids``."""
         self._ensure(int(ids.max()) + 1, norms.shape[1])
-        self.norms[ids, : norms.shape[1]] = norms.detach().to(device="cpu", dtype=torch.bfloat16)
+        self._buffer[ids, : norms.shape[1]] = norms.detach().to(device="cpu", dtype=torch.bfloat16)
 
     def clear(self) -> None:
-        self.norms = torch.zeros(0, 0, dtype=torch.bfloat16)
+        """Forget every norm (back to the constructor's preallocation)."""
+        self._buffer = torch.zeros(*self._initial, dtype=torch.bfloat16)
+        self._examples = self._rows = 0
+
+
+_CACHE_SIZES = {"num_examples": Interval(0, integer=True), "max_rows": Interval(0, integer=True)}
+
+
+def _grow(capacity: int, needed: int) -> int:
+    """The new capacity of one dimension: unchanged if it suffices, else at least doubled."""
+    return capacity if needed <= capacity else max(needed, 2 * capacity)
 
 
 class _WTACRSLinearFunction(torch.autograd.Function):
@@ -263,6 +332,9 @@ def wtacrs_linear(
     docstring). ``example_ids`` (one int per entry of ``x``'s first dimension) and ``cache`` switch on the
     gradient-norm probabilities. Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as
     ``nn.Linear`` would compute in it, so the saved rows are in that dtype too."""
+    check_hyperparameters(
+        SAMPLING_HYPERPARAMETERS, {"budget": budget, "minimal_k": minimal_k, "deter_ratio": deter_ratio}
+    )
     if x.is_complex() or weight.is_complex():
         raise TypeError("WTA-CRS layers take real floating-point inputs and weights; use nn.Linear for complex ones")
     device_type = x.device.type
@@ -329,8 +401,8 @@ class WTACRSLinear(nn.Linear):
         }
         check_hyperparameters(WTACRSLinear.info.hyperparameters, options)
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.budget, self.minimal_k, self.seed = budget, minimal_k, seed
-        self.deter_adaptive, self.deter_ratio, self.sample_replacement = deter_adaptive, deter_ratio, sample_replacement
+        self._budget, self._minimal_k, self._deter_ratio, self.seed = budget, minimal_k, deter_ratio, seed
+        self.deter_adaptive, self.sample_replacement = deter_adaptive, sample_replacement
         self.norm_cache = ExampleNormCache()
         self.example_ids: Tensor | None = None  # set per batch by wtacrs_example_ids
         self._generator: torch.Generator | None = None
@@ -347,6 +419,41 @@ class WTACRSLinear(nn.Linear):
         layer.weight, layer.bias = linear.weight, linear.bias
         layer.train(linear.training)
         return layer
+
+    # settable, and checked where they are set rather than at the next forward, as TrAct.lam is
+    @property
+    def budget(self) -> float:
+        """The fraction of rows kept, in (0, 1]."""
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: float) -> None:
+        self._budget = _checked("budget", value)
+
+    @property
+    def minimal_k(self) -> int:
+        """The least number of rows kept (an integer >= 1)."""
+        return self._minimal_k
+
+    @minimal_k.setter
+    def minimal_k(self, value: int) -> None:
+        self._minimal_k = _checked("minimal_k", value)
+
+    @property
+    def deter_ratio(self) -> float:
+        """The deterministic fraction of the kept rows when ``deter_adaptive`` is False, in [0, 1)."""
+        return self._deter_ratio
+
+    @deter_ratio.setter
+    def deter_ratio(self, value: float) -> None:
+        self._deter_ratio = _checked("deter_ratio", value)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # layers pickled before these became properties hold them under their public names
+        for name in SAMPLING_HYPERPARAMETERS:
+            if name in state:
+                state[f"_{name}"] = state.pop(name)
+        super().__setstate__(state)
 
     @property
     def generator(self) -> torch.Generator:
@@ -376,6 +483,36 @@ class WTACRSLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, budget={self.budget}, deter_adaptive={self.deter_adaptive}, seed={self.seed}"
+
+
+def _checked(name: str, value: Any) -> Any:
+    SAMPLING_HYPERPARAMETERS[name].check(name, value)
+    return value
+
+
+def wtacrs_rng_state(model: nn.Module) -> dict[str, Tensor]:
+    """The generator state of every :class:`WTACRSLinear` in ``model``, keyed by module name (``""`` for the model
+    itself): CPU byte tensors only, so ``torch.load(..., weights_only=True)`` reads it back. Save it with the
+    ``state_dict`` (which leaves the generators out, so that it loads into plain ``nn.Linear`` layers too)."""
+    return {name: m.generator.get_state() for name, m in model.named_modules() if isinstance(m, WTACRSLinear)}
+
+
+def load_wtacrs_rng_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Restore the generators saved by :func:`wtacrs_rng_state`, so that a resumed run draws the same rows.
+
+    ``model`` must hold :class:`WTACRSLinear` layers under exactly the saved names (else ``KeyError``, before any
+    generator changes), on the device they will train on: a layer moved to another device afterwards starts a
+    new generator from its ``seed``."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, WTACRSLinear)}
+    missing, unexpected = sorted(layers.keys() - state.keys()), sorted(state.keys() - layers.keys())
+    if missing or unexpected:
+        raise KeyError(
+            f"the saved WTA-CRS generator states do not match the model's WTACRSLinear layers: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    for name, layer in layers.items():
+        # set_state takes a CPU byte tensor: a checkpoint loaded with map_location onto a device is moved back
+        layer.generator.set_state(state[name].to("cpu", torch.uint8))
 
 
 @contextlib.contextmanager
@@ -455,10 +592,10 @@ register(
         summary="nn.Linear whose backward pass estimates the weight gradient without bias from k sampled rows of "
         "the input (the most probable rows kept, the rest sampled), saving only those rows",
         hyperparameters={
-            "budget": Interval(0.0, 1.0, low_closed=False),
-            "minimal_k": Interval(1, integer=True),
+            "budget": SAMPLING_HYPERPARAMETERS["budget"],
+            "minimal_k": SAMPLING_HYPERPARAMETERS["minimal_k"],
             "deter_adaptive": Flag(),
-            "deter_ratio": Interval(0.0, 1.0, high_closed=False),
+            "deter_ratio": SAMPLING_HYPERPARAMETERS["deter_ratio"],
             "sample_replacement": Flag(),
             "seed": Interval(0, integer=True),
         },

@@ -35,7 +35,11 @@ scaling; the docstring of the official code suggests trying 0.5).
 ``update_each`` :math:`= n > 1` computes :math:`D` on every n-th step only (a third of the backward cost saved on
 the others) and reuses the last :math:`D` in between, so :math:`v` keeps its per-step average and its bias
 correction stays exact (pytorch-optimizer instead freezes :math:`v` between updates). :attr:`AdaHessian.hessian_due`
-says whether the next step computes one, so the backward before the other steps may skip ``create_graph``.
+says whether the next step computes one, so the backward before the other steps may skip ``create_graph``: it is
+also True while some parameter (with ``requires_grad``) has no estimate yet, because the first step that gives such a
+parameter a gradient must compute one (so a parameter that never receives a gradient keeps every step due: leave
+it out of the optimizer). The last :math:`D` is kept in the state as ``hessian_diag``, a third full-size tensor
+per parameter that is not spatially averaged (3× its numel of state instead of 2×).
 
 Hyperparameters (defaults), the official code's: ``lr`` 0.15, ``betas`` (0.9, 0.999), ``eps`` 1e-4,
 ``weight_decay`` 0.0, ``hessian_power`` 1.0 (in [0, 1]); optimlab's options: ``update_each`` 1,
@@ -79,6 +83,12 @@ _MISSING_GRAPH = (
     "AdaHessian differentiates the gradient a second time, but no p.grad carries an autograd graph: call "
     "loss.backward(create_graph=True) before step() (and give the optimizer the gradients backward made: a "
     "copy, a detached or a wrapper-transformed gradient has no graph)"
+)
+
+
+_NO_ESTIMATE_YET = (
+    "AdaHessian: parameter {index} of param group {group} (shape {shape}) has no Hessian estimate yet; call "
+    "loss.backward(create_graph=True) on this step (AdaHessian.hessian_due is True until every parameter has one)"
 )
 
 
@@ -279,8 +289,17 @@ class AdaHessian(OptimlabOptimizer):
     @property
     def hessian_due(self) -> bool:
         """Whether the next ``step()`` computes a Hessian-vector product (its backward needs ``create_graph=True``;
-        a parameter seen for the first time also forces one)."""
-        return self._steps % self._shared()["update_each"] == 0
+        a parameter without an estimate yet also forces one)."""
+        update_each = self._shared()["update_each"]
+        if self._steps % update_each == 0:
+            return True
+        # a parameter could first get its gradient on this step, which then computes its D whatever the schedule
+        # says: the backward must keep the graph for it (only state keys are read, so nothing waits for a device)
+        return update_each > 1 and any(
+            p.requires_grad and "hessian_diag" not in self.state.get(p, ())
+            for group in self.param_groups
+            for p in group["params"]
+        )
 
     # never traced: a compiled step would still differentiate the model's compiled backward, which AOTAutograd
     # cannot do twice; eager, that case raises autograd's own clear error
@@ -298,10 +317,12 @@ class AdaHessian(OptimlabOptimizer):
     def _apply(self, batches: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict]]]) -> None:
         if not batches:
             return
-        keep = self._shared()["update_each"] > 1
+        update_each = self._shared()["update_each"]
+        keep = update_each > 1
         states = [s for _, _, _, batch_states in batches for s in batch_states]
-        if self.hessian_due or (keep and any("hessian_diag" not in s for s in states)):
-            diags = self._estimate(batches)
+        scheduled = self._steps % update_each == 0
+        if scheduled or (keep and any("hessian_diag" not in s for s in states)):
+            diags = self._estimate(batches, scheduled)
             if keep:
                 for state, d in zip(states, (d for batch in diags for d in batch)):
                     state["hessian_diag"] = d
@@ -314,14 +335,19 @@ class AdaHessian(OptimlabOptimizer):
         finally:
             self._diags = {}
 
-    def _estimate(self, batches: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict]]]) -> list[list]:
-        """One Hutchinson estimate of the Hessian diagonal for every parameter of every batch (one HVP)."""
+    def _estimate(
+        self, batches: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict]]], scheduled: bool = True
+    ) -> list[list]:
+        """One Hutchinson estimate of the Hessian diagonal for every parameter of every batch (one HVP);
+        ``scheduled`` False when only a parameter without an estimate forces it (for the error message)."""
         params = [p for _, ps, _, _ in batches for p in ps]
         grads = [g for _, _, gs, _ in batches for g in gs]
         # a gradient without a graph is constant in θ (a parameter the loss is linear in): its Hessian rows are 0
         linked = [i for i, g in enumerate(grads) if g.requires_grad]
         if not linked:
-            raise RuntimeError(_MISSING_GRAPH)
+            if scheduled:
+                raise RuntimeError(_MISSING_GRAPH)
+            raise RuntimeError(self._no_estimate_message(batches))
         probes = rademacher_probes(grads, self.generator(grads[0].device))
         hzs = torch.autograd.grad(
             [grads[i] for i in linked],
@@ -345,6 +371,16 @@ class AdaHessian(OptimlabOptimizer):
             )
             start = end
         return diags
+
+    def _no_estimate_message(self, batches: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict]]]) -> str:
+        """The error for an unscheduled step forced by a parameter that has no estimate yet, naming the first one."""
+        for group, ps, _, batch_states in batches:
+            for p, state in zip(ps, batch_states):
+                if "hessian_diag" not in state:
+                    index = next(i for i, q in enumerate(group["params"]) if q is p)
+                    group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
+                    return _NO_ESTIMATE_YET.format(index=index, group=group_index, shape=tuple(p.shape))
+        return _MISSING_GRAPH
 
     def _core_arguments(self, group: dict[str, Any]) -> dict[str, Any]:
         return {**super()._core_arguments(group), "hessian_diags": self._diags[id(group)]}
