@@ -7,6 +7,7 @@ import re
 from collections import Counter
 
 import pytest
+import torch
 
 import optimlab
 
@@ -29,3 +30,14 @@ def pytest_terminal_summary(terminalreporter) -> None:
     for entry in sorted(_COUNTS):
         counts = _COUNTS[entry]
         terminalreporter.write_line(f"{entry:12s} " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after): tests of many ops on tiny tensors (Monte Carlo loops,
+    double backward passes, small solves) only gain synchronisation from more, and stall badly on a loaded
+    machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

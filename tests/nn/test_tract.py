@@ -16,14 +16,7 @@ from optimlab.nn import TrAct, tract, tract_weight_grad
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small solves and convolutions: intra-op threads only add synchronisation (and stall badly on a loaded
-    machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only synchronise
 
 
 def gen(seed: int = 0) -> torch.Generator:

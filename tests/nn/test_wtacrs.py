@@ -27,14 +27,7 @@ from optimlab.nn.wtacrs import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The Monte Carlo loops run thousands of ops on tiny tensors: threads only add synchronisation (and stall
-    badly on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only synchronise
 
 
 def skewed_problem(n: int = 96, d_in: int = 12, d_out: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,14 +17,7 @@ from optimlab.optim.adahessian import adahessian_, adahessian_update, hessian_di
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors and double backward passes: intra-op threads only add synchronisation (and stall badly on a
-    loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only synchronise
 
 
 def small_cnn(seed: int = 0) -> nn.Module:

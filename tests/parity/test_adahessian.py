@@ -31,14 +31,7 @@ SEED = 11
 TOL = 1e-12  # measured <= 8.5e-15 (float64 rounding); another probe or a doubled eps moves θ by >= 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors and double backward passes: intra-op threads only add synchronisation (and stall badly on a
-    loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only synchronise
 
 
 def model() -> nn.Module:
