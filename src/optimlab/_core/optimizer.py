@@ -59,6 +59,11 @@ def _keyword_names(core: Callable[..., None]) -> tuple[str, ...]:
     return tuple(n for n, p in inspect.signature(core).parameters.items() if p.kind is p.KEYWORD_ONLY)
 
 
+@functools.cache
+def _hyperparameter_names(init: Callable[..., None]) -> tuple[str, ...]:
+    return tuple(n for n in inspect.signature(init).parameters if n not in ("self", "params"))
+
+
 class OptimlabOptimizer(torch.optim.Optimizer):
     """Base class; see the module docstring for the contract a subclass fills in."""
 
@@ -73,6 +78,16 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._generator: torch.Generator | None = None
         super().__init__(params, defaults)
+
+    @staticmethod
+    def _defaults_from_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+        """The ``defaults`` of a constructor that passes its hyperparameters through as they are: called as
+        ``super().__init__(params, self._defaults_from_arguments(locals()))``, every argument after ``params``
+        mapped to its value, in signature order."""
+        # The signature is the one list of a constructor's hyperparameters, so no name is written a second time.
+        # It is that of the class whose __init__ the locals are from (``__class__``, a local of every method that
+        # calls ``super()``), not type(self)'s: Lion passes a subset of its parent LionK's arguments on to it.
+        return {name: arguments[name] for name in _hyperparameter_names(arguments["__class__"].__init__)}
 
     # -- validation -------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -504,10 +504,7 @@ class AdaGradNorm(OptimlabOptimizer):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.01,
     ) -> None:
-        super().__init__(
-            params,
-            dict(lr=lr, eps=eps, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value),
-        )
+        super().__init__(params, self._defaults_from_arguments(locals()))
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"sum_sq": torch.zeros((), dtype=state_dtype(p), device=p.device)}

@@ -268,20 +268,7 @@ class AdaHessian(OptimlabOptimizer):
     ) -> None:
         self._steps = 0  # steps taken (with any gradient): every update_each-th computes a Hessian diagonal
         self._diags: dict[int, list[Tensor]] = {}
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                hessian_power=hessian_power,
-                update_each=update_each,
-                spatial_average=spatial_average,
-                abs_before_avg=abs_before_avg,
-                seed=seed,
-            ),
-        )
+        super().__init__(params, self._defaults_from_arguments(locals()))
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"step": 0, "exp_avg": self._zeros(p), "exp_hessian_diag_sq": self._zeros(p)}

@@ -122,18 +122,7 @@ class Adan(OptimlabOptimizer):
         no_prox: bool = False,
         restart_every: int = 0,
     ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                max_grad_norm=max_grad_norm,
-                no_prox=no_prox,
-                restart_every=restart_every,
-            ),
-        )
+        super().__init__(params, self._defaults_from_arguments(locals()))
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {

@@ -315,12 +315,7 @@ class CoordClippedSGD(_CoordClipped):
         fraction: float = 0.1,
         threshold_scale: float = 1.0,
     ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr, momentum=momentum, weight_decay=weight_decay, fraction=fraction, threshold_scale=threshold_scale
-            ),
-        )
+        super().__init__(params, self._defaults_from_arguments(locals()))
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"step": 0, "momentum_buffer": self._zeros(p)}
@@ -348,18 +343,7 @@ class CoordClippedAdam(_CoordClipped):
         clip_update: float = 0.0,
         threshold_scale: float = 1.0,
     ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                fraction=fraction,
-                clip_update=clip_update,
-                threshold_scale=threshold_scale,
-            ),
-        )
+        super().__init__(params, self._defaults_from_arguments(locals()))
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"step": 0, "exp_avg": self._zeros(p), "exp_avg_sq": self._zeros(p)}
@@ -381,17 +365,7 @@ class CoordClippedLion(_CoordClipped):
         clip_update: float = 1.0,
         threshold_scale: float = 1.0,
     ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                weight_decay=weight_decay,
-                fraction=fraction,
-                clip_update=clip_update,
-                threshold_scale=threshold_scale,
-            ),
-        )
+        super().__init__(params, self._defaults_from_arguments(locals()))
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"exp_avg": self._zeros(p)}

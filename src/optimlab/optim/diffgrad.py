@@ -100,9 +100,7 @@ class DiffGrad(OptimlabOptimizer):
         weight_decay: float = 0.0,
         friction: str = "abs",
     ) -> None:
-        super().__init__(
-            params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, friction=friction)
-        )
+        super().__init__(params, self._defaults_from_arguments(locals()))
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"step": 0, "exp_avg": self._zeros(p), "exp_avg_sq": self._zeros(p), "prev_grad": self._zeros(p)}

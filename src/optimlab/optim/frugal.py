@@ -440,26 +440,7 @@ class FRUGAL(OptimlabOptimizer):
         project: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                density=density,
-                update_gap=update_gap,
-                proj_type=proj_type,
-                block_order=block_order,
-                proj_side=proj_side,
-                inactive_update_rule=inactive_update_rule,
-                inactive_lr_scale=inactive_lr_scale,
-                proj_lr_scale=proj_lr_scale,
-                reset_statistics=reset_statistics,
-                project=project,
-                seed=seed,
-            ),
-        )
+        super().__init__(params, self._defaults_from_arguments(locals()))
         # made now, not on first use: torch.compile loses a generator created inside a traced step
         first = next((p for g in self.param_groups for p in g["params"]), None)
         if first is not None:

@@ -146,10 +146,7 @@ class LionK(OptimlabOptimizer):
         norm_p: float = 2.0,
         huber_delta: float = 1.0,
     ) -> None:
-        super().__init__(
-            params,
-            dict(lr=lr, betas=betas, weight_decay=weight_decay, kappa=kappa, norm_p=norm_p, huber_delta=huber_delta),
-        )
+        super().__init__(params, self._defaults_from_arguments(locals()))
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"exp_avg": self._zeros(p)}

@@ -310,7 +310,7 @@ class MFAC(OptimlabOptimizer):
         ngrads: int = 1024,
         damp: float = 1e-5,
     ) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ngrads=ngrads, damp=damp))
+        super().__init__(params, self._defaults_from_arguments(locals()))
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         ngrads = self.param_groups[0]["ngrads"]

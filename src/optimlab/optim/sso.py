@@ -171,10 +171,7 @@ class SSO(OptimlabOptimizer):
         backtrack: float = 0.9,
         expansion: float = 2.0,
     ) -> None:
-        super().__init__(
-            params,
-            dict(lr=lr, inner_steps=inner_steps, inner_lr=inner_lr, c=c, backtrack=backtrack, expansion=expansion),
-        )
+        super().__init__(params, self._defaults_from_arguments(locals()))
 
     def _hyperparameters(self) -> dict[str, Any]:
         hp = self._shared()
