@@ -26,26 +26,31 @@ iterations (state creation, kernel compilation) and then times single iterations
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import os
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import optimlab
+from _harness import (
+    MAX_OTHERS,
+    OtherCPU,
+    Run,
+    fmt,
+    machine_line,
+    parse_args,
+    pooled,
+    quartiles,
+    run_rounds,
+    time_calls,
+)
 from optimlab._core.kernels import kernel_mode
-from optimlab.bench._files import write_atomic
 from optimlab.optim.adahessian import rademacher_probes
-from step_time import MAX_OTHERS, cpu_ticks, machine_info  # the house benchmark's machinery (same directory)
 
 PAPER = dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0, hessian_power=1.0)
 FLOOR, ADAMW = "floor: fwd + bwd(create_graph) + 1 HVP", "torch.AdamW (plain backward)"
@@ -132,28 +137,14 @@ def run_block(c: Contender, model: nn.Module, init: dict, data, warmup: int, ste
     model.load_state_dict(init)
     params = list(model.parameters())
     generator = torch.Generator().manual_seed(0)
-    with kernel_mode(c.kernels):
-        ticks0, wall0 = cpu_ticks(), time.perf_counter()
+    with kernel_mode(c.kernels), OtherCPU() as others:
         opt = c.make(params)
         for _ in range(warmup):
             iteration(c, model, params, opt, data, generator)
-        times, cpu_times = [], []
-        gc.disable()
-        try:
-            for _ in range(steps):
-                c0, t0 = time.process_time_ns(), time.perf_counter_ns()
-                iteration(c, model, params, opt, data, generator)
-                times.append((time.perf_counter_ns() - t0) / 1e6)
-                cpu_times.append((time.process_time_ns() - c0) / 1e6)
-        finally:
-            gc.enable()
-        ticks1, wall1 = cpu_ticks(), time.perf_counter()
+        block = time_calls(lambda: iteration(c, model, params, opt, data, generator), steps, cpu=True)
     for p in params:
         p.grad = None  # frees the graph
-    others = None
-    if ticks0 and ticks1:
-        others = ((ticks1[0] - ticks0[0]) - (ticks1[1] - ticks0[1])) / os.sysconf("SC_CLK_TCK") / (wall1 - wall0)
-    return {"times_ms": times, "cpu_ms": cpu_times, "others_cores": others}
+    return {**block, "others_cores": others.cores}
 
 
 def run(rounds: int, warmup: int, steps: int, rows: list[Contender], rng: random.Random) -> dict:
@@ -162,24 +153,13 @@ def run(rounds: int, warmup: int, steps: int, rows: list[Contender], rng: random
     init = {k: v.clone() for k, v in model.state_dict().items()}
     data = (torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,)))
     out = {c.name: {"source": c.source, "blocks": []} for c in rows}
-    for r in range(rounds):
-        order = [c for c in rows if "error" not in out[c.name]]
-        rng.shuffle(order)
-        for c in order:
-            print(f"  round {r + 1}/{rounds}: {c.name}", file=sys.stderr, flush=True)
-            try:
-                out[c.name]["blocks"].append(run_block(c, model, init, data, warmup, steps))
-            except Exception as e:  # a contender that cannot run here is reported, not fatal
-                out[c.name]["error"] = f"{type(e).__name__}: {e}"
-            finally:
-                gc.collect()
+    run_rounds(rows, rounds, rng, out, lambda c: run_block(c, model, init, data, warmup, steps))
     for res in out.values():
-        quiet = [b for b in res["blocks"] if b["others_cores"] is None or b["others_cores"] <= MAX_OTHERS]
-        t = [x for b in quiet or res["blocks"] for x in b["times_ms"]]
+        t, n_quiet = pooled(res["blocks"])
         if t:
-            q1, med, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (t[0],) * 3
-            cpu = statistics.median(x for b in res["blocks"] for x in b["cpu_ms"])
-            res.update(median_ms=med, q1_ms=q1, q3_ms=q3, cpu_median_ms=cpu, quiet_blocks=len(quiet))
+            q1, med, q3 = quartiles(t)
+            cpu = statistics.median(x for b in res["blocks"] for x in b["cpu_ms"])  # CPU time: over all blocks
+            res.update(median_ms=med, q1_ms=q1, q3_ms=q3, cpu_median_ms=cpu, quiet_blocks=n_quiet)
     n = sum(p.numel() for p in model.parameters())
     return {
         "n_params": n,
@@ -272,17 +252,12 @@ def add_ratios(result: dict) -> None:
     result["bar"]["met"] = None if ours is None else ours <= result["bar"]["limit"]  # below the floor: cheaper probes
 
 
-def _f(x: float | None, fmt: str) -> str:
-    return "—" if x is None else format(x, fmt)
-
-
 def markdown(data: dict) -> str:
     m, r = data["machine"], data["result"]
     lines = [
         f"# AdaHessian iteration time — {m['date']}",
         "",
-        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, optimlab {m['optimlab']} ({m['git']}). "
-        f"1-min load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. "
+        f"{machine_line(m)} "
         f"ResNet-ish conv net, {r['n_params']:,} float32 parameters in {r['n_tensors']} tensors, batch 16×3×8×8; "
         f"{r['rounds']} rounds × {r['steps']} timed iterations after {r['warmup']} warm-up, contenders shuffled per "
         f"round. Wall time: median over the quiet blocks (other processes used <= {MAX_OTHERS} cores; all blocks if "
@@ -300,12 +275,12 @@ def markdown(data: dict) -> str:
             continue
         lines.append(
             f"| {name} | {v['median_ms']:.2f} | {v['q1_ms']:.2f}–{v['q3_ms']:.2f} "
-            f"| {_f(v.get('above_floor_ms'), '.2f')} | {_f(v.get('above_floor_ms_x_fastest_peer'), '.2f')} "
-            f"| {v['cpu_median_ms']:.2f} | {_f(v.get('cpu_above_floor_ms'), '.2f')} "
-            f"| {_f(v.get('cpu_above_floor_ms_x_fastest_peer'), '.2f')} "
-            f"| {_f(v.get('cpu_above_our_probes_floor_ms'), '.2f')} "
-            f"| {_f(v.get('cpu_above_our_probes_floor_ms_x_fastest_peer'), '.2f')} "
-            f"| {_f(v.get('x_adamw_iteration'), '.2f')} | {v['quiet_blocks']}/{len(v['blocks'])} |"
+            f"| {fmt(v.get('above_floor_ms'), '.2f')} | {fmt(v.get('above_floor_ms_x_fastest_peer'), '.2f')} "
+            f"| {v['cpu_median_ms']:.2f} | {fmt(v.get('cpu_above_floor_ms'), '.2f')} "
+            f"| {fmt(v.get('cpu_above_floor_ms_x_fastest_peer'), '.2f')} "
+            f"| {fmt(v.get('cpu_above_our_probes_floor_ms'), '.2f')} "
+            f"| {fmt(v.get('cpu_above_our_probes_floor_ms_x_fastest_peer'), '.2f')} "
+            f"| {fmt(v.get('x_adamw_iteration'), '.2f')} | {v['quiet_blocks']}/{len(v['blocks'])} |"
         )
     iso = data["isolated"]
     lines += [
@@ -322,9 +297,9 @@ def markdown(data: dict) -> str:
     for name, v in sorted(iso["contenders"].items(), key=lambda kv: kv[1]["cpu_median_ms"]):
         cells = [f"{v['wall_median_ms']:.3f}"]
         for key in ("wall_above_floor_ms", "cpu_median_ms", "cpu_above_floor_ms", "cpu_above_our_probes_floor_ms"):
-            cells.append(_f(v.get(key), ".3f"))
+            cells.append(fmt(v.get(key), ".3f"))
             if key != "cpu_median_ms":
-                cells.append(_f(v.get(f"{key}_x_fastest_peer"), ".2f"))
+                cells.append(fmt(v.get(f"{key}_x_fastest_peer"), ".2f"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     bar = r["bar"]
     verdict = "not measurable (a peer is within noise of the floor)" if bar["met"] is None else ""
@@ -332,34 +307,22 @@ def markdown(data: dict) -> str:
     lines += [
         "",
         f"Bar: optimlab's time above the floor <= {bar['limit']}× the fastest peer's (wall time): "
-        f"{_f(bar['above_floor_ms_x_fastest_peer'], '.2f')}× — {verdict}. CPU time: "
-        f"{_f(bar['cpu_above_floor_ms_x_fastest_peer'], '.2f')}×; CPU time above the floor with optimlab's probe draw: "
-        f"{_f(bar['cpu_above_our_probes_floor_ms_x_fastest_peer'], '.2f')}×.",
+        f"{fmt(bar['above_floor_ms_x_fastest_peer'], '.2f')}× — {verdict}. CPU time: "
+        f"{fmt(bar['cpu_above_floor_ms_x_fastest_peer'], '.2f')}×; CPU time above the floor with optimlab's probe "
+        "draw: "
+        f"{fmt(bar['cpu_above_our_probes_floor_ms_x_fastest_peer'], '.2f')}×.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 5 iterations")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, "smoke run: 2 rounds of 5 iterations", argv)
     rounds, warmup, steps = (2, 2, 5) if args.quick else (10, 3, 20)
-    started = time.perf_counter()
-    data = {"machine": machine_info(args.threads), "args": {**vars(args), "out": str(args.out)}}
-    data["result"] = run(rounds, warmup, steps, contenders(), random.Random(args.seed))
-    add_ratios(data["result"])
-    data["isolated"] = isolated(*((2, 10) if args.quick else (10, 40)), contenders(), random.Random(args.seed))
-    data["runtime_s"], data["machine"]["loadavg_end"] = time.perf_counter() - started, os.getloadavg()
-    table = markdown(data)
-    write_atomic(args.out / "adahessian_time.json", lambda f: f.write(json.dumps(data, indent=1) + "\n"))
-    write_atomic(args.out / "adahessian_time.md", lambda f: f.write(table))
-    print(table)
-    print(f"runtime {data['runtime_s']:.0f} s; wrote {args.out / 'adahessian_time.json'} and .md", file=sys.stderr)
+    bench = Run(args)
+    bench.data["result"] = run(rounds, warmup, steps, contenders(), random.Random(args.seed))
+    add_ratios(bench.data["result"])
+    bench.data["isolated"] = isolated(*((2, 10) if args.quick else (10, 40)), contenders(), random.Random(args.seed))
+    bench.finish("adahessian_time", markdown)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,10 @@ GaLore, its projector objects' matrices too); for block mode also the largest ov
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
 import math
-import os
 import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -35,10 +30,21 @@ from pathlib import Path
 import torch
 
 from optimlab import FRUGAL
-from optimlab.bench._files import write_atomic
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the parameter set and the machine info of step_time.py
-from step_time import MAX_OTHERS, cpu_ticks, machine_info, transformer_shapes  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the timing harness and the parameter set of step_time.py
+from _harness import (  # noqa: E402
+    MAX_OTHERS,
+    OtherCPU,
+    Run,
+    fmt,
+    gc_paused,
+    machine_line,
+    parse_args,
+    pooled,
+    run_rounds,
+    time_calls,
+)
+from step_time import transformer_shapes  # noqa: E402
 
 DENSITY, GAP, WEIGHT_DECAY = 0.25, 200, 1e-2
 BASELINE = "torch.AdamW(foreach)"
@@ -123,41 +129,33 @@ def run_block(c: Contender, params, p0, grads, g0, warmup: int, steps: int, refr
             g.copy_(g_saved)
             p.grad = g
 
-    def timed() -> float:
+    def refresh_on() -> None:
+        c.force_refresh(opt, True)
         reset_grads()
-        t0 = time.perf_counter_ns()
-        opt.step()
-        return (time.perf_counter_ns() - t0) / 1e6
 
     for p, p_saved in zip(params, p0):
         p.copy_(p_saved)
     groups = split(params)
     projected = groups[1]["params"]
-    ticks0, wall0 = cpu_ticks(), time.perf_counter()
-    opt = c.factory(groups)
-    for _ in range(warmup):
-        reset_grads()
-        opt.step()
-    result = {"state_bytes": state_bytes(opt, params), "projected_state_bytes": state_bytes(opt, projected)}
-    if isinstance(opt, FRUGAL):
-        result["projector_bytes"] = sum(
-            opt.state[p][key].numel() * opt.state[p][key].element_size()
-            for p in projected
-            for key in ("projector", "indices")
-            if key in opt.state[p]
-        )
-    gc.disable()
-    try:
-        result["steady_ms"] = [timed() for _ in range(steps)]
-        result["refresh_ms"] = []
-        if c.force_refresh is not None:
-            for _ in range(refreshes):
-                c.force_refresh(opt, True)
-                result["refresh_ms"].append(timed())
-                c.force_refresh(opt, False)
-    finally:
-        gc.enable()
-    ticks1, wall1 = cpu_ticks(), time.perf_counter()
+    with OtherCPU() as others:
+        opt = c.factory(groups)
+        for _ in range(warmup):
+            reset_grads()
+            opt.step()
+        result = {"state_bytes": state_bytes(opt, params), "projected_state_bytes": state_bytes(opt, projected)}
+        if isinstance(opt, FRUGAL):
+            result["projector_bytes"] = sum(
+                opt.state[p][key].numel() * opt.state[p][key].element_size()
+                for p in projected
+                for key in ("projector", "indices")
+                if key in opt.state[p]
+            )
+        with gc_paused():
+            result["steady_ms"] = time_calls(opt.step, steps, before=reset_grads)["times_ms"]
+            result["refresh_ms"] = []
+            if c.force_refresh is not None:  # each with the gap set to 1 for that step, then back
+                refresh = time_calls(opt.step, refreshes, before=refresh_on, after=partial(c.force_refresh, opt, False))
+                result["refresh_ms"] = refresh["times_ms"]
     if isinstance(opt, FRUGAL) and opt.param_groups[1]["proj_type"] == "block":
         cycle = math.ceil(len(projected) / max(1, round(len(projected) * DENSITY)))
         peak = result["projected_state_bytes"]
@@ -168,10 +166,7 @@ def run_block(c: Contender, params, p0, grads, g0, warmup: int, steps: int, refr
             c.force_refresh(opt, False)
             peak = max(peak, state_bytes(opt, projected))
         result["projected_state_bytes_cycle_max"] = peak
-    result["others_cores"] = None
-    if ticks0 and ticks1:
-        others = (ticks1[0] - ticks0[0]) - (ticks1[1] - ticks0[1])
-        result["others_cores"] = others / os.sysconf("SC_CLK_TCK") / (wall1 - wall0)
+    result["others_cores"] = others.cores
     return result
 
 
@@ -182,27 +177,16 @@ def run_set(shapes, rounds, warmup, steps, refreshes, rows: list[Contender], rng
     params = [torch.nn.Parameter(p.clone()) for p in p0]
     grads = [g.clone() for g in g0]
     out: dict[str, dict] = {c.name: {"blocks": []} for c in rows}
-    for r in range(rounds):
-        order = [c for c in rows if "error" not in out[c.name]]
-        rng.shuffle(order)
-        for c in order:
-            print(f"  round {r + 1}/{rounds}: {c.name}", file=sys.stderr, flush=True)
-            try:
-                block = run_block(c, params, p0, grads, g0, warmup, steps, refreshes)
-            except Exception as e:  # a contender that cannot run here (a missing package) is reported, not fatal
-                out[c.name]["error"] = f"{type(e).__name__}: {e}"
-                continue
-            finally:
-                gc.collect()
-            out[c.name]["blocks"].append({k: block.pop(k) for k in ("steady_ms", "refresh_ms", "others_cores")})
-            out[c.name].update(block)
+    def block(c: Contender) -> dict:
+        return run_block(c, params, p0, grads, g0, warmup, steps, refreshes)
+
+    keep = ("steady_ms", "refresh_ms", "others_cores")  # the rest of a block's record goes to the contender's
+    run_rounds(rows, rounds, rng, out, block, keep=keep)
     for res in out.values():
-        quiet = [b for b in res["blocks"] if b["others_cores"] is None or b["others_cores"] <= MAX_OTHERS]
-        use = quiet or res["blocks"]
-        steady = [x for b in use for x in b["steady_ms"]]
-        refresh = [x for b in use for x in b["refresh_ms"]]
+        steady, n_quiet = pooled(res["blocks"], "steady_ms")
+        refresh, _ = pooled(res["blocks"], "refresh_ms")
         if steady:
-            res.update(steady_ms=statistics.median(steady), quiet_blocks=len(quiet))
+            res.update(steady_ms=statistics.median(steady), quiet_blocks=n_quiet)
             res["refresh_ms"] = statistics.median(refresh) if refresh else None
             res["amortised_ms"] = res["steady_ms"] + ((res["refresh_ms"] - res["steady_ms"]) / GAP if refresh else 0.0)
     projected = sum(math.prod(s) for i, s in enumerate(shapes) if i >= 2 and len(s) == 2)
@@ -234,17 +218,12 @@ def add_ratios(result: dict) -> None:
             )
 
 
-def _f(x: float | None, fmt: str) -> str:
-    return "—" if x is None else format(x, fmt)
-
-
 def markdown(data: dict) -> str:
     m = data["machine"]
     lines = [
         f"# FRUGAL step time and state — {m['date']}",
         "",
-        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, optimlab {m['optimlab']} ({m['git']}). "
-        f"1-min load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. "
+        f"{machine_line(m)} "
         f"ρ = {DENSITY}, T = {GAP}, weight decay {WEIGHT_DECAY}. Medians over the quiet blocks (others used <= "
         f"{MAX_OTHERS} cores; all blocks if none was quiet); ratios are of medians of this run. amortised = steady "
         f"+ (refresh − steady)/T. State: bytes of the state tensors; 'projectable' counts only the blocks' matrices "
@@ -268,41 +247,28 @@ def markdown(data: dict) -> str:
                 continue
             projector = v.get("projector_bytes")
             lines.append(
-                f"| {name} | {v['steady_ms']:.2f} | {_f(v['refresh_ms'], '.2f')} | {v['amortised_ms']:.2f} "
-                f"| {_f(v.get('x_adamw_steady'), '.2f')} | {_f(v.get('x_adamw_amortised'), '.2f')} "
-                f"| {v['state_bytes'] / 1e6:.1f} | {_f(v.get('x_adamw_state'), '.3f')} "
-                f"| {_f(v.get('x_adamw_projected_state'), '.3f')} "
-                f"| {_f(v.get('x_adamw_projected_state_cycle_max'), '.3f')} "
-                f"| {_f(None if projector is None else projector / 1e6, '.2f')} | {v['quiet_blocks']}/{len(v['blocks'])} |"
+                f"| {name} | {v['steady_ms']:.2f} | {fmt(v['refresh_ms'], '.2f')} | {v['amortised_ms']:.2f} "
+                f"| {fmt(v.get('x_adamw_steady'), '.2f')} | {fmt(v.get('x_adamw_amortised'), '.2f')} "
+                f"| {v['state_bytes'] / 1e6:.1f} | {fmt(v.get('x_adamw_state'), '.3f')} "
+                f"| {fmt(v.get('x_adamw_projected_state'), '.3f')} "
+                f"| {fmt(v.get('x_adamw_projected_state_cycle_max'), '.3f')} "
+                f"| {fmt(None if projector is None else projector / 1e6, '.2f')} "
+                f"| {v['quiet_blocks']}/{len(v['blocks'])} |"
             )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: the reduced set, few repeats")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, "smoke run: the reduced set, few repeats", argv)
     rows = contenders()
     rng = random.Random(args.seed)
-    started = time.perf_counter()
-    data = {"machine": machine_info(args.threads), "args": {**vars(args), "out": str(args.out)}, "sets": {}}
+    bench = Run(args)
+    bench.data["sets"] = {}
     for name, (shapes, rounds, warmup, steps, refreshes) in (QUICK_SETS if args.quick else SETS).items():
         print(f"{name}: {len(rows)} contenders", file=sys.stderr, flush=True)
-        data["sets"][name] = run_set(shapes, rounds, warmup, steps, refreshes, rows, rng)
-        add_ratios(data["sets"][name])
-    data["runtime_s"], data["machine"]["loadavg_end"] = time.perf_counter() - started, os.getloadavg()
-    table = markdown(data)
-    write_atomic(args.out / "frugal_time.json", lambda f: f.write(json.dumps(data, indent=1) + "\n"))
-    write_atomic(args.out / "frugal_time.md", lambda f: f.write(table))
-    print(table)
-    print(
-        f"runtime {data['runtime_s']:.0f} s; wrote {args.out / 'frugal_time.json'} and frugal_time.md", file=sys.stderr
-    )
+        bench.data["sets"][name] = run_set(shapes, rounds, warmup, steps, refreshes, rows, rng)
+        add_ratios(bench.data["sets"][name])
+    bench.finish("frugal_time", markdown)
 
 
 if __name__ == "__main__":

@@ -14,24 +14,18 @@ m·d·4 (float32).
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import os
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import OtherCPU, Run, gc_paused, machine_line, parse_args, quartiles, time_calls  # noqa: E402
 from optimlab import MFAC  # noqa: E402
-from optimlab.bench._files import write_atomic  # noqa: E402
 from optimlab.optim.mfac import damped_gram_cholesky  # noqa: E402
-from step_time import cpu_ticks, machine_info  # noqa: E402  (shared with the step benchmark)
 
 # three float32 tensors of 2^20 elements in all (a 768x1024 and a 256x1023 matrix and a bias), or an eighth of it
 FULL = {"shapes": [(768, 1024), (256, 1023), (256,)], "ngrads": 1024, "rounds": 5, "repeats": 3}
@@ -52,12 +46,6 @@ def fill_window(opt: MFAC, params: list[torch.nn.Parameter], generator: torch.Ge
     for window in windows:
         gram.addmm_(window, window.T)
     state["step"], state["next_row"] = gram.shape[0], 0
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter_ns()
-    fn()
-    return (time.perf_counter_ns() - t0) / 1e6
 
 
 @torch.no_grad()
@@ -110,21 +98,14 @@ def run(config: dict, seed: int) -> dict:
         "torch.AdamW(foreach).step": adamw.step,
     }
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    ticks0, wall0 = cpu_ticks(), time.perf_counter()
-    for r in range(config["rounds"]):
-        order = list(contenders)
-        rng.shuffle(order)
-        print(f"  round {r + 1}/{config['rounds']}: {', '.join(order)}", file=sys.stderr, flush=True)
-        gc.disable()
-        try:
-            for name in order:
-                times[name] += [timed(contenders[name]) for _ in range(config["repeats"])]
-        finally:
-            gc.enable()
-    ticks1, wall1 = cpu_ticks(), time.perf_counter()
-    others = None  # other processes' CPU use while timing, in cores (as step_time.py measures it)
-    if ticks0 and ticks1:
-        others = ((ticks1[0] - ticks0[0]) - (ticks1[1] - ticks0[1])) / os.sysconf("SC_CLK_TCK") / (wall1 - wall0)
+    with OtherCPU() as others:  # other processes' CPU use while timing, in cores
+        for r in range(config["rounds"]):
+            order = list(contenders)
+            rng.shuffle(order)
+            print(f"  round {r + 1}/{config['rounds']}: {', '.join(order)}", file=sys.stderr, flush=True)
+            with gc_paused():
+                for name in order:
+                    times[name] += time_calls(contenders[name], config["repeats"])["times_ms"]
     for p, g in zip(params, grads):
         assert p.grad is g  # the step never replaces or writes the gradients
     medians = {name: statistics.median(t) for name, t in times.items()}
@@ -144,7 +125,7 @@ def run(config: dict, seed: int) -> dict:
         "state_over_window": state_bytes / (m * d * 4),
         "rounds": config["rounds"],
         "repeats": config["repeats"],
-        "others_cores": others,
+        "others_cores": others.cores,
     }
 
 
@@ -153,8 +134,7 @@ def markdown(data: dict) -> str:
     lines = [
         f"# MFAC.step() time against its floor — {m['date']}",
         "",
-        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, optimlab {m['optimlab']} ({m['git']}). "
-        f"1-min load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. "
+        f"{machine_line(m)} "
         f"d = {r['d']:,} float32 parameters in {len(r['shapes'])} tensors, window m = {r['ngrads']}, full "
         f"(filled untimed in {r['fill_window_s']:.1f} s). Median of {r['rounds']} rounds × {r['repeats']} timed calls, "
         "contenders in shuffled order each round; ratios are of medians. Other processes used "
@@ -166,7 +146,7 @@ def markdown(data: dict) -> str:
     ]
     base, adamw = r["median_ms"]["floor: G@g + y@G"], r["median_ms"]["torch.AdamW(foreach).step"]
     for name, t in r["times_ms"].items():
-        q1, med, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (t[0],) * 3
+        q1, med, q3 = quartiles(t)
         lines.append(f"| {name} | {med:.1f} | {q1:.1f}–{q3:.1f} | {med / base:.2f} | {med / adamw:.1f} |")
     verdict = "meets" if r["step_over_floor"] <= BAR else "misses"
     lines += [
@@ -179,23 +159,10 @@ def markdown(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: d = 131,072, m = 128")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    data = {"machine": machine_info(args.threads), "args": {**vars(args), "out": str(args.out)}}
-    data["result"] = run(QUICK if args.quick else FULL, args.seed)
-    data["runtime_s"], data["machine"]["loadavg_end"] = time.perf_counter() - started, os.getloadavg()
-    table = markdown(data)
-    write_atomic(args.out / "mfac_time.json", lambda f: f.write(json.dumps(data, indent=1) + "\n"))
-    write_atomic(args.out / "mfac_time.md", lambda f: f.write(table))
-    print(table)
-    print(f"runtime {data['runtime_s']:.0f} s; wrote {args.out / 'mfac_time.json'} and mfac_time.md", file=sys.stderr)
+    args = parse_args(__doc__, "smoke run: d = 131,072, m = 128", argv)
+    bench = Run(args)
+    bench.data["result"] = run(QUICK if args.quick else FULL, args.seed)
+    bench.finish("mfac_time", markdown)
 
 
 if __name__ == "__main__":

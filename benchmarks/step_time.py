@@ -14,32 +14,23 @@ Contenders run in shuffled order in every round; each block builds a fresh optim
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import importlib
-import importlib.metadata
-import json
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 
 import optimlab
+from _harness import MAX_OTHERS, OtherCPU, Run, fmt, machine_line, parse_args, run_rounds, summarise, time_calls
 from optimlab._core.kernels import kernel_mode
-from optimlab.bench._files import write_atomic
 
 WEIGHT_DECAY = 1e-2  # every contender decays (cost depends only on decay being on), all else at defaults
 BASELINE, FUSED = "torch.AdamW(foreach)", "torch.AdamW(fused)"
-PEER_PACKAGES = ("pytorch_optimizer", "torch_optimizer", "adan_pytorch", "lion_pytorch")
 
 
 @dataclass(frozen=True)
@@ -127,20 +118,7 @@ QUICK_SETS = {
 }
 
 
-# -- measurement -------------------------------------------------------------------------------------------
-MAX_OTHERS = 0.2  # a block during which other processes used more CPU cores than this on average is "busy"
-
-
-def cpu_ticks() -> tuple[int, int] | None:
-    """(busy ticks of all CPUs, ticks of this process), or None where /proc is missing."""
-    try:
-        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        own = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return sum(cpu) - cpu[3] - cpu[4], int(own[11]) + int(own[12])  # minus idle and iowait; utime + stime
-
-
+# -- measurement (the machinery is benchmarks/_harness.py) --------------------------------------------------
 @torch.no_grad()
 def run_block(c: Contender, params: list, p0: list, grads: list, g0: list, warmup: int, steps: int) -> dict:
     """Fresh optimizer from the same parameters; ``warmup`` untimed steps, then ``steps`` timed ones."""
@@ -158,30 +136,17 @@ def _run_block(c: Contender, params: list, p0: list, grads: list, g0: list, warm
     for p, p_saved in zip(params, p0):
         p.copy_(p_saved)
     reset_grads()
-    ticks0, wall0 = cpu_ticks(), time.perf_counter()
-    opt, mutated = c.factory(params), False
-    for _ in range(warmup):
-        opt.step()
-        mutated |= any(p.grad is not g or not torch.equal(g, g_saved) for p, g, g_saved in zip(params, grads, g0))
-        reset_grads()
-    state_bytes = sum(
-        v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
-    )
-    times = []
-    gc.disable()
-    try:
-        for _ in range(steps):
-            reset_grads()
-            t0 = time.perf_counter_ns()
+    with OtherCPU() as others:  # other processes' CPU use during the block, in cores
+        opt, mutated = c.factory(params), False
+        for _ in range(warmup):
             opt.step()
-            times.append((time.perf_counter_ns() - t0) / 1e6)
-    finally:
-        gc.enable()
-    ticks1, wall1 = cpu_ticks(), time.perf_counter()
-    others = None  # other processes' CPU use during the block, in cores
-    if ticks0 and ticks1:
-        others = ((ticks1[0] - ticks0[0]) - (ticks1[1] - ticks0[1])) / os.sysconf("SC_CLK_TCK") / (wall1 - wall0)
-    return {"times_ms": times, "others_cores": others, "state_bytes": state_bytes, "mutates_grad": mutated}
+            mutated |= any(p.grad is not g or not torch.equal(g, g_saved) for p, g, g_saved in zip(params, grads, g0))
+            reset_grads()
+        state_bytes = sum(
+            v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+        )
+        block = time_calls(opt.step, steps, before=reset_grads)
+    return {**block, "others_cores": others.cores, "state_bytes": state_bytes, "mutates_grad": mutated}
 
 
 @torch.no_grad()
@@ -206,27 +171,14 @@ def run_set(shapes: list, rounds: int, warmup: int, steps: int, rows: list[Conte
     n = sum(p.numel() for p in p0)
     out = {c.name: {"algorithm": c.algorithm, "source": c.source, "inner": c.inner, "blocks": []} for c in rows}
     triads = []
-    for r in range(rounds):
-        triads.append(triad_gb_s(n))
-        order = [c for c in rows if "error" not in out[c.name]]
-        rng.shuffle(order)
-        for c in order:
-            print(f"  round {r + 1}/{rounds}: {c.name}", file=sys.stderr, flush=True)
-            try:
-                block = run_block(c, params, p0, grads, g0, warmup, steps)
-            except Exception as e:  # a contender that cannot run here (e.g. a missing package) is reported
-                out[c.name]["error"] = f"{type(e).__name__}: {e}"
-                continue
-            finally:
-                gc.collect()  # frees the optimizer (and its state) of this block
-            out[c.name]["blocks"].append({k: block.pop(k) for k in ("times_ms", "others_cores")})
-            out[c.name].update(block, state_bytes_per_param=block["state_bytes"] / n)
+    def block(c: Contender) -> dict:
+        record = run_block(c, params, p0, grads, g0, warmup, steps)
+        return {**record, "state_bytes_per_param": record["state_bytes"] / n}
+
+    keep = ("times_ms", "others_cores")  # the rest of a block's record goes to the contender's
+    run_rounds(rows, rounds, rng, out, block, keep=keep, each_round=lambda: triads.append(triad_gb_s(n)))
     for res in out.values():
-        quiet = [b for b in res["blocks"] if b["others_cores"] is None or b["others_cores"] <= MAX_OTHERS]
-        t = [x for b in quiet or res["blocks"] for x in b["times_ms"]]  # busy blocks count only if all are
-        if t:
-            q1, med, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (t[0],) * 3
-            res.update(median_ms=med, q1_ms=q1, q3_ms=q3, quiet_blocks=len(quiet))
+        summarise(res)
     params_info = {"n_params": n, "n_tensors": len(shapes), "shapes": shapes}
     triad = {"triad_gb_s": statistics.median(triads), "triad_runs_gb_s": triads}
     return {**params_info, **triad, "rounds": rounds, "warmup": warmup, "steps": steps, "contenders": out}
@@ -256,19 +208,13 @@ def add_ratios(result: dict) -> None:
             v["of_triad"] = v["gb_s"] / result["triad_gb_s"]
 
 
-def _f(x: float | None, fmt: str) -> str:
-    return "—" if x is None else format(x, fmt)
-
-
 def markdown(data: dict) -> str:
     m = data["machine"]
     lines = [
         f"# optimizer.step() time — {m['date']}",
         "",
-        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, optimlab {m['optimlab']} ({m['git']}). "
-        f"1-min load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. "
-        f"Median over the timed steps of the quiet blocks (other processes used <= {MAX_OTHERS} cores; all blocks "
-        f"if none was quiet); ratios are of medians. Weight decay {WEIGHT_DECAY} everywhere.",
+        f"{machine_line(m)} Median over the timed steps of the quiet blocks (other processes used <= {MAX_OTHERS} "
+        f"cores; all blocks if none was quiet); ratios are of medians. Weight decay {WEIGHT_DECAY} everywhere.",
     ]
     for set_name, result in data["sets"].items():
         res = result["contenders"]
@@ -292,8 +238,9 @@ def markdown(data: dict) -> str:
                 continue
             lines.append(
                 f"| {name} | {v['algorithm']} | {v['median_ms']:.3f} | {v['q1_ms']:.3f}–{v['q3_ms']:.3f} "
-                f"| {_f(v['x_adamw_foreach'], '.2f')} | {_f(v['x_adamw_fused'], '.2f')} "
-                f"| {_f(v['x_fastest_peer'], '.2f')} | {_f(v.get('of_triad'), '.0%')} | {v['state_bytes_per_param']:.1f} "
+                f"| {fmt(v['x_adamw_foreach'], '.2f')} | {fmt(v['x_adamw_fused'], '.2f')} "
+                f"| {fmt(v['x_fastest_peer'], '.2f')} | {fmt(v.get('of_triad'), '.0%')} "
+                f"| {v['state_bytes_per_param']:.1f} "
                 f"| {'yes' if v['mutates_grad'] else 'no'} | {v['quiet_blocks']}/{len(v['blocks'])} |"
             )
         wrappers = {k: v for k, v in res.items() if "overhead_ms" in v}
@@ -313,64 +260,23 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_info(threads: int) -> dict:
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((x.split(":", 1)[1].strip() for x in info if x.startswith("model name")), platform.processor())
-    try:
-        root = Path(__file__).resolve().parents[1]
-        git = subprocess.run(
-            ["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        git = "unknown"
-    versions = {}
-    for pkg in PEER_PACKAGES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg.replace("_", "-"))
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "torch": torch.__version__,
-        "optimlab": optimlab.__version__,
-        "git": git,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "peers": versions,
-        "loadavg_start": os.getloadavg(),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: few repeats, small and reduced large set")
-    ap.add_argument("--only", default="", help="comma-separated substrings of contender names (case-insensitive)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    def only(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--only", default="", help="comma-separated substrings of contender names (case-insensitive)")
 
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, "smoke run: few repeats, small and reduced large set", argv, add=only)
     rows = contenders()
     if args.only:
         keys = [k.strip().lower() for k in args.only.split(",") if k.strip()]
         rows = [c for c in rows if any(k in c.name.lower() for k in keys)]
     rng = random.Random(args.seed)
-    started = time.perf_counter()
-    data = {"machine": machine_info(args.threads), "args": {**vars(args), "out": str(args.out)}, "sets": {}}
+    bench = Run(args)
+    bench.data["sets"] = {}
     for name, (shapes, rounds, warmup, steps) in (QUICK_SETS if args.quick else SETS).items():
         print(f"{name}: {len(rows)} contenders", file=sys.stderr, flush=True)
-        data["sets"][name] = run_set(shapes, rounds, warmup, steps, rows, rng)
-        add_ratios(data["sets"][name])
-    data["runtime_s"], data["machine"]["loadavg_end"] = time.perf_counter() - started, os.getloadavg()
-    table = markdown(data)
-    write_atomic(args.out / "step_time.json", lambda f: f.write(json.dumps(data, indent=1) + "\n"))
-    write_atomic(args.out / "step_time.md", lambda f: f.write(table))
-    print(table)
-    print(f"runtime {data['runtime_s']:.0f} s; wrote {args.out / 'step_time.json'} and step_time.md", file=sys.stderr)
+        bench.data["sets"][name] = run_set(shapes, rounds, warmup, steps, rows, rng)
+        add_ratios(bench.data["sets"][name])
+    bench.finish("step_time", markdown)
 
 
 if __name__ == "__main__":

@@ -22,25 +22,17 @@ iterations; medians over the quiet blocks (as in ``step_time.py``); ratios are o
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import os
 import random
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from optimlab.bench._files import write_atomic
+from _harness import MAX_OTHERS, Run, machine_line, parse_args, run_rounds, summarise, time_block
 from optimlab.bench.workloads.mnist1d_cnn import _cnn as mnist1d_cnn
 from optimlab.nn import TrAct, tract_weight_grad
-from step_time import MAX_OTHERS, cpu_ticks, machine_info
 
 PLAIN, TRACT, SOLVE = "plain", "TrAct", "TrAct weight gradient alone"
 
@@ -162,41 +154,15 @@ def settings(quick: bool) -> dict[str, Setting]:
     }
 
 
-def run_block(iteration: Callable[[], object], warmup: int, steps: int) -> dict:
-    for _ in range(warmup):
-        iteration()
-    ticks0, wall0 = cpu_ticks(), time.perf_counter()
-    times = []
-    gc.disable()
-    try:
-        for _ in range(steps):
-            t0 = time.perf_counter_ns()
-            iteration()
-            times.append((time.perf_counter_ns() - t0) / 1e6)
-    finally:
-        gc.enable()
-    ticks1, wall1 = cpu_ticks(), time.perf_counter()
-    others = None
-    if ticks0 and ticks1:
-        others = ((ticks1[0] - ticks0[0]) - (ticks1[1] - ticks0[1])) / os.sysconf("SC_CLK_TCK") / (wall1 - wall0)
-    return {"times_ms": times, "others_cores": others}
-
-
 def run_setting(setting: Setting, rounds: int, warmup: int, steps: int, rng: random.Random) -> dict:
     out = {c: {"blocks": []} for c in setting.contenders}
-    for r in range(rounds):
-        order = list(setting.contenders)
-        rng.shuffle(order)
-        for c in order:
-            print(f"  round {r + 1}/{rounds}: {c}", file=sys.stderr, flush=True)
-            torch.manual_seed(0)
-            out[c]["blocks"].append(run_block(setting.build(c), warmup, steps))
-            gc.collect()
+    def block(c: str) -> dict:
+        torch.manual_seed(0)
+        return time_block(setting.build(c), warmup, steps)
+
+    run_rounds(setting.contenders, rounds, rng, out, block, name=str, catch=False)
     for res in out.values():
-        quiet = [b for b in res["blocks"] if b["others_cores"] is None or b["others_cores"] <= MAX_OTHERS]
-        t = [x for b in quiet or res["blocks"] for x in b["times_ms"]]
-        q1, med, q3 = statistics.quantiles(t, n=4) if len(t) > 1 else (t[0],) * 3
-        res.update(median_ms=med, q1_ms=q1, q3_ms=q3, quiet_blocks=len(quiet))
+        summarise(res)
     plain = out[PLAIN]["median_ms"]
     for res in out.values():
         res["x_plain"] = res["median_ms"] / plain
@@ -210,8 +176,7 @@ def markdown(data: dict) -> str:
     lines = [
         f"# TrAct time — {m['date']}",
         "",
-        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, optimlab {m['optimlab']} ({m['git']}). "
-        f"1-min load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. "
+        f"{machine_line(m)} "
         f"{a['rounds']} rounds × {a['steps']} timed iterations after {a['warmup']} warm-up per block; median over "
         f"the quiet blocks (other processes used <= {MAX_OTHERS} cores; all blocks if none was quiet). "
         "Layer settings time forward + backward (input gradient included); step settings a whole training step.",
@@ -230,31 +195,15 @@ def markdown(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: smaller batches, few repeats")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, "smoke run: smaller batches, few repeats", argv)
     rounds, warmup, steps = (2, 2, 5) if args.quick else (6, 3, 20)
     rng = random.Random(args.seed)
-    started = time.perf_counter()
-    data = {
-        "machine": machine_info(args.threads),
-        "args": {**vars(args), "out": str(args.out), "rounds": rounds, "warmup": warmup, "steps": steps},
-        "settings": {},
-    }
+    bench = Run(args, rounds=rounds, warmup=warmup, steps=steps)
+    bench.data["settings"] = {}
     for name, setting in settings(args.quick).items():
         print(name, file=sys.stderr, flush=True)
-        data["settings"][name] = run_setting(setting, rounds, warmup, steps, rng)
-    data["runtime_s"], data["machine"]["loadavg_end"] = time.perf_counter() - started, os.getloadavg()
-    table = markdown(data)
-    write_atomic(args.out / "tract_time.json", lambda f: f.write(json.dumps(data, indent=1) + "\n"))
-    write_atomic(args.out / "tract_time.md", lambda f: f.write(table))
-    print(table)
-    print(f"runtime {data['runtime_s']:.0f} s; wrote {args.out / 'tract_time.json'} and tract_time.md", file=sys.stderr)
+        bench.data["settings"][name] = run_setting(setting, rounds, warmup, steps, rng)
+    bench.finish("tract_time", markdown)
 
 
 if __name__ == "__main__":

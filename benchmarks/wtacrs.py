@@ -21,15 +21,10 @@ run in shuffled order in every round.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import gc
-import json
-import os
 import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optimlab.bench._files import write_atomic
 from optimlab.nn.wtacrs import replace_linear_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import MAX_OTHERS, cpu_ticks, machine_info  # noqa: E402  (the house's machine record)
+from _harness import MAX_OTHERS, Run, machine_line, parse_args, pooled, run_rounds, time_block  # noqa: E402
 
 BASELINE = "nn.Linear"
 BUDGETS = (0.3, 0.1)
@@ -163,28 +157,14 @@ def gradient_error(model, exact: list[torch.Tensor], names, w, x, y, draws: int)
     return statistics.fmean(errors)
 
 
-def time_block(model: nn.Module, w: Workload, x, y, warmup: int, steps: int) -> dict:
+def fwd_bwd(model: nn.Module, w: Workload, x, y) -> Callable[[], None]:
+    """One forward + backward of ``model`` (the timed call)."""
+
     def step() -> None:
         model.zero_grad(set_to_none=True)
         w.loss(model(x), y).backward()
 
-    for _ in range(warmup):
-        step()
-    ticks0, wall0 = cpu_ticks(), time.perf_counter()
-    times = []
-    gc.disable()
-    try:
-        for _ in range(steps):
-            t0 = time.perf_counter_ns()
-            step()
-            times.append((time.perf_counter_ns() - t0) / 1e6)
-    finally:
-        gc.enable()
-    ticks1, wall1 = cpu_ticks(), time.perf_counter()
-    others = None
-    if ticks0 and ticks1:
-        others = ((ticks1[0] - ticks0[0]) - (ticks1[1] - ticks0[1])) / os.sysconf("SC_CLK_TCK") / (wall1 - wall0)
-    return {"times_ms": times, "others_cores": others}
+    return step
 
 
 def run_workload(w: Workload, rounds: int, warmup: int, steps: int, draws: int, rng: random.Random) -> dict:
@@ -204,17 +184,19 @@ def run_workload(w: Workload, rounds: int, warmup: int, steps: int, draws: int, 
         out[label] = {"budget": getattr(dict(model.named_modules())[names[0]], "budget", None), "blocks": []}
         out[label].update(saved_bytes(model, names, x))
         out[label]["grad_rel_error"] = 0.0 if label == BASELINE else gradient_error(model, exact, names, w, x, y, draws)
-    for r in range(rounds):
-        order = labels[:]
-        rng.shuffle(order)
-        for label in order:
-            print(f"  {w.name} round {r + 1}/{rounds}: {label}", file=sys.stderr, flush=True)
-            out[label]["blocks"].append(time_block(models[label], w, x, y, warmup, steps))
-            gc.collect()
+    run_rounds(
+        labels,
+        rounds,
+        rng,
+        out,
+        lambda label: time_block(fwd_bwd(models[label], w, x, y), warmup, steps),
+        name=str,
+        label=f"{w.name} ",
+        catch=False,
+    )
     for res in out.values():
-        quiet = [b for b in res["blocks"] if b["others_cores"] is None or b["others_cores"] <= MAX_OTHERS]
-        t = [v for b in quiet or res["blocks"] for v in b["times_ms"]]
-        res.update(median_ms=statistics.median(t), quiet_blocks=len(quiet))
+        t, n_quiet = pooled(res["blocks"])
+        res.update(median_ms=statistics.median(t), quiet_blocks=n_quiet)
     base_res = out[BASELINE]
     for res in out.values():
         res["x_time"] = res["median_ms"] / base_res["median_ms"]
@@ -230,8 +212,7 @@ def markdown(data: dict) -> str:
     lines = [
         f"# WTA-CRS: saved activations and forward+backward time — {m['date']}",
         "",
-        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, optimlab {m['optimlab']} ({m['git']}). "
-        f"1-min load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. Saved bytes: "
+        f"{machine_line(m)} Saved bytes: "
         "distinct storages saved for backward in one forward pass, parameters excluded. Time: median forward + "
         f"backward over the quiet blocks (other processes used <= {MAX_OTHERS} cores; all blocks if none was). "
         "Gradient error: mean over draws of ‖ĝ − g‖/‖g‖ of the swapped layers' weight gradients.",
@@ -256,27 +237,15 @@ def markdown(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: smaller MLP stack, few repeats")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, "smoke run: smaller MLP stack, few repeats", argv)
     rounds, warmup, steps, draws = (2, 1, 2, 2) if args.quick else (6, 2, 10, 10)
     rng = random.Random(args.seed)
-    started = time.perf_counter()
-    data = {"machine": machine_info(args.threads), "args": {**vars(args), "out": str(args.out)}, "workloads": {}}
+    bench = Run(args)
+    bench.data["workloads"] = {}
     for w in workloads(args.quick):
         print(f"{w.name}: {w.description}", file=sys.stderr, flush=True)
-        data["workloads"][w.name] = run_workload(w, rounds, warmup, steps, draws, rng)
-    data["runtime_s"], data["machine"]["loadavg_end"] = time.perf_counter() - started, os.getloadavg()
-    table = markdown(data)
-    write_atomic(args.out / "wtacrs.json", lambda f: f.write(json.dumps(data, indent=1) + "\n"))
-    write_atomic(args.out / "wtacrs.md", lambda f: f.write(table))
-    print(table)
-    print(f"runtime {data['runtime_s']:.0f} s; wrote {args.out / 'wtacrs.json'} and wtacrs.md", file=sys.stderr)
+        bench.data["workloads"][w.name] = run_workload(w, rounds, warmup, steps, draws, rng)
+    bench.finish("wtacrs", markdown)
 
 
 if __name__ == "__main__":
