@@ -99,3 +99,16 @@ def test_second_order_optimizers_train_through_a_graph_of_the_gradient() -> None
     record = run_trial(get_workload("digits-logreg"), "adahessian", {"lr": 0.1}, 0, phase="tune")
     assert record.status == "ok", record.error  # AdaHessian refuses gradients without a graph
     assert record.steps_to_target is not None
+
+
+def test_an_optimizer_can_split_the_model_as_its_paper_does() -> None:
+    from optimlab.bench.runner import model_param_groups
+
+    task = get_workload("charlm").build(0)
+    plain = model_param_groups("torch:AdamW", task.model)
+    assert [id(p) for p in plain] == [id(p) for p in task.model.parameters()]
+    groups = model_param_groups("frugal", task.model)  # FRUGAL.model_param_groups: projectable matrices apart
+    projected = {id(p) for g in groups if g["project"] for p in g["params"]}
+    names = {n for n, p in task.model.named_parameters() if id(p) in projected}
+    assert names and all(n.endswith(("qkv.weight", "proj.weight", "mlp.0.weight", "mlp.2.weight")) for n in names)
+    assert sum(len(g["params"]) for g in groups) == len(plain)

@@ -82,3 +82,27 @@ def test_with_reset_the_statistics_differ_from_galore_after_a_refresh() -> None:
 
     assert run_pair(ours, peer, steps=gap, problem=problem) < 2e-6
     assert run_pair(ours, peer, steps=gap + 2, problem=problem) > 1e-4
+
+
+def test_svd_rank_beyond_the_smaller_dimension_is_the_thin_svd_as_galore_adamw() -> None:
+    """With ``proj_side="reverse_std"`` the larger dimension is reduced, so ρ can ask for more singular vectors
+    than a 12×8 matrix has: the official code and GaLore both take the thin SVD's ``U[:, :k]`` (8 columns, here
+    for k = round(12·0.75) = 9). Extra null-space columns would change the projected moments from the first step.
+    """
+    density, gap, lr = 0.75, 4, 1e-2
+    problem = _Float32(Problem(shapes=((12, 8), (7,)), seed=5))
+
+    def ours(params):
+        return FRUGAL(params, lr=lr, eps=0.0, weight_decay=0.0, density=density, update_gap=gap, proj_type="svd",
+                      proj_side="reverse_std", inactive_update_rule="no", reset_statistics=False)  # fmt: skip
+
+    def peer(params):
+        # galore_torch's reverse_std maps a wide matrix's update back with the wrong side: tall matrices only
+        groups = [
+            {"params": [params[0]], "rank": round(12 * density), "update_proj_gap": gap, "scale": 1.0,
+             "proj_type": "reverse_std"},
+            {"params": [params[1]]},
+        ]  # fmt: skip
+        return GaLoreAdamW(groups, lr=lr, eps=0.0, weight_decay=0.0, no_deprecation_warning=True)
+
+    assert run_pair(ours, peer, steps=3 * gap + 1, problem=problem) < 1e-5

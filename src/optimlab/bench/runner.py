@@ -38,7 +38,15 @@ from optimlab.bench.workloads.base import Workload
 from optimlab.registry import optimizer_class
 from optimlab.schedules import linear_decay, refine
 
-__all__ = ["resolve_optimizer", "run_trial", "lr_range", "lr_factor", "needs_create_graph", "environment"]
+__all__ = [
+    "resolve_optimizer",
+    "run_trial",
+    "lr_range",
+    "lr_factor",
+    "needs_create_graph",
+    "model_param_groups",
+    "environment",
+]
 
 _TORCH_LR_RANGE = (1e-4, 1e-1)
 WARMUP_FRACTION = 0.02
@@ -70,6 +78,17 @@ def needs_create_graph(spec: str | OptimizerSpec) -> bool:
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
     info = getattr(optimizer_class(parsed.innermost.name), "info", None)
     return info is not None and info.capabilities.needs_create_graph
+
+
+def model_param_groups(spec: str | OptimizerSpec, model: torch.nn.Module) -> list[Any]:
+    """What the spec's optimizer is built on: its class's ``model_param_groups(model)`` where it defines one (the
+    paper's split of a model's parameters, e.g. FRUGAL's projectable and regular matrices), else the model's
+    trainable parameters."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    split = getattr(optimizer_class(parsed.innermost.name), "model_param_groups", None)
+    if split is not None:
+        return split(model)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _registry_entry(name: str, kind: str):
@@ -158,7 +177,7 @@ def run_trial(
         factor = lr_factor(spec, workload.max_steps, schedule_source)
         create_graph = needs_create_graph(spec)
         _warm_up(factory, hparams, params, create_graph=create_graph)
-        opt = factory(params, **hparams)
+        opt = factory(model_param_groups(spec, task.model), **hparams)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         log_norms = spec.schedule in ("linear", "refined")
         _train(workload, task, opt, schedule, params, record, log_norms=log_norms, create_graph=create_graph)

@@ -3,7 +3,11 @@ r"""FRUGAL: AdamW inside a low-dimensional subspace of each matrix, a state-free
 Paper: Zmushko, Beznosikov, Takáč, Horváth, "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for
 Scalable Training", arXiv `2411.07837 <https://arxiv.org/abs/2411.07837>`_ (ICML 2025).
 Official code: https://github.com/fzmushko/FRUGAL (``frugal/proj_optimizer_templates.py``, ``galore_projector.py``,
-``coordinate_projector.py``, ``adamw.py``); optimlab follows its semantics.
+``coordinate_projector.py``, ``adamw.py``); optimlab follows its semantics. The paper's pre-training set-up
+needs the parameter split of :func:`frugal_param_groups`: ``FRUGAL(frugal_param_groups(model))`` (or
+``FRUGAL(FRUGAL.model_param_groups(model))``) projects the Linear weights of attention and MLP modules and keeps
+embeddings, the output layer, norms and biases on full AdamW; ``FRUGAL(model.parameters())`` makes every 2-D
+tensor projectable, embeddings and output layer included.
 
 Every *projectable* parameter :math:`W` (by default every non-empty 2-D parameter of a param group; a group with
 ``project=False`` holds none) has its gradient :math:`G` split by a projector into a state-full part, updated by
@@ -31,7 +35,7 @@ Parameters that are not projectable take a plain AdamW step (decoupled decay, le
   last one and moves towards the first by :math:`\operatorname{round}(N\rho)` per refresh (cyclically);
   ``"ascending"`` the same from the first; ``"mirror"`` the same window over the order :math:`0, N-1, 1, N-2,
   \dots` (pairs from both ends inwards); ``"random"`` a uniformly random subset. A deactivated tensor's moments
-  are freed.
+  are freed. Tensors with ``requires_grad=False`` are not blocks (as the code's split leaves them out).
 * ``"svd"``, ``"random"``, ``"randperm"`` (GaLore-like): on the *right*, :math:`P \in \mathbb{R}^{k\times c}`
   with orthonormal rows, :math:`k = \operatorname{round}(c\rho)`, :math:`\operatorname{down}(G) = G P^\top`,
   :math:`\operatorname{up}(X) = X P`; on the *left*, :math:`P \in \mathbb{R}^{r\times k}`, :math:`k =
@@ -39,7 +43,8 @@ Parameters that are not projectable take a plain AdamW step (decoupled decay, le
   ``proj_side="std"`` projects on the right when :math:`r \ge c`, else on the left (the smaller dimension is
   reduced); ``"reverse_std"`` the opposite. :math:`P` holds the top-:math:`k` singular vectors of :math:`G`
   (``"svd"``), a random (Haar) semi-orthogonal matrix (``"random"``) or :math:`k` rows of a random permutation
-  matrix (``"randperm"``).
+  matrix (``"randperm"``). A thin SVD has only :math:`\min(r, c)` singular vectors, so ``"svd"`` takes
+  :math:`k = \min(k, r, c)` (as the code's ``Vh[:k]``; only ``"reverse_std"`` can ask for more).
 * ``"columns"``, ``"rows"``, ``"randk"`` (coordinate, RandK-like): :math:`\operatorname{down}` gathers a random
   subset of :math:`\lfloor n\rho\rfloor` of the :math:`n` columns, rows or single entries and
   :math:`\operatorname{up}` scatters into zeros; the state holds the (sorted) indices instead of a matrix.
@@ -62,8 +67,9 @@ Choices between paper and code, and deviations:
   block order (``BlockAdamW``) and columns (``CoordAdamW``), its README to RandK; its ``--optimizer frugal`` is
   the block optimizer, which every pre-training script of the paper runs with ``block_order descending`` (the
   fine-tuning scripts run the coordinate optimizer with columns). optimlab's defaults are the paper's
-  pre-training set-up: ``"block"``, ``"descending"``. ``weight_decay`` 0.01 is the code's default (the
-  pre-training scripts set 0, the GLUE ones 0.1); ``eps`` 1e-8 is the code's value (its docstring says 1e-6);
+  pre-training set-up: ``"block"``, ``"descending"`` (on :func:`frugal_param_groups`). ``weight_decay`` 0.01 is
+  the code's default (the pre-training scripts set 0, the GLUE ones 0.1); ``eps`` 1e-8 is the code's value (its
+  docstring says 1e-6);
 * the code's ``CoordAdamW(coord_choice=x)`` is ``proj_type=x`` here; its forced ``"left"``/``"right"``/``"full"``
   sides are not offered;
 * ``"mirror"`` equals the code's order whenever the code accepts it (an even number of active tensors out of an
@@ -75,9 +81,14 @@ Choices between paper and code, and deviations:
   re-initialises every active tensor at each refresh, as ``reset_statistics=True`` does);
 * the projectable set defaults to every non-empty 2-D parameter (embeddings and output layers included);
   :func:`frugal_param_groups` reproduces the code's name-based split (Linear weights of attention and MLP
-  modules projectable; embeddings, norms and the output layer regular);
+  modules projectable; embeddings, norms and the output layer regular). Its default module keys add ``"qkv"``
+  and ``".proj"`` to the code's list (fused attention input and output, as timm-style models and optimlab's
+  bench transformer name them), and ``project_embeddings`` takes every ``nn.Embedding`` where the code matches
+  the name ``"embed_tokens"``;
 * at :math:`\rho = 1` a GaLore-like projector is square and the remainder is zero: optimlab skips its state-free
-  step, where the code takes the sign of the rounding noise of :math:`G - G P^\top P` (a full-size random step);
+  step, where the code takes the sign of the rounding noise of :math:`G - G P^\top P` (a full-size random step).
+  A thin-SVD projector capped at :math:`\min(r, c)` (``"reverse_std"``) is not square and keeps the code's
+  behaviour: at its refresh step the remainder is rounding noise, and its sign is taken;
 * SVD and QR run in the state dtype (float32 for 16-bit parameters, float64 for float64 ones); Adam's bias
   correction is always on (the code's ``correct_bias=True``); ``sign(NaN)`` is NaN, so a non-finite gradient
   shows in the parameters (``torch.sign`` would give 0), and so does one in a part the rule ``"no"`` leaves
@@ -85,9 +96,15 @@ Choices between paper and code, and deviations:
 
 Memory: the Adam state of a projectable :math:`r\times c` matrix is :math:`2\rho rc` numbers, plus :math:`P` for
 the GaLore-like projections (:math:`kc` or :math:`rk` numbers), plus :math:`k` int64 indices for the coordinate
-ones (negligible for columns and rows; as many bytes as the moments for ``"randk"`` with float32 parameters).
-Block mode keeps :math:`\rho` of the tensors by count, not by size: a layer-aligned order over equal layers keeps
-:math:`\rho` of the elements.
+ones: negligible for columns and rows, which keep at most :math:`\rho` of AdamW's state exactly; as many bytes as
+the moments for ``"randk"`` with float32 parameters, which so costs :math:`2\rho`. Block mode counts tensors, not
+elements (:math:`\operatorname{round}(N\rho)`, as the code): its state stays within :math:`\rho + 0.05` of the
+projectable elements' AdamW state when the blocks are layer-aligned (whole equal layers per window, as in the
+paper's configurations), but misaligned shapes can exceed it (two LLaMA layers with :math:`d = 512`, :math:`f =
+1376` at :math:`\rho = 0.25`: up to 0.376 in a descending cycle), and so can a flat parameter list whose largest
+tensor is the output layer. At each refresh the optimizer computes, from the shapes, the active share of the
+group's projectable elements (for a deterministic order the largest over one cycle of windows) and warns once
+when it exceeds :math:`\rho + 0.05`.
 
 Costs: an SVD per matrix every :math:`T` steps for ``"svd"``; with ``block_order="random"`` the drawn subset is
 read on the host once per refresh (a device synchronisation every :math:`T` steps on GPU). A non-finite gradient
@@ -100,7 +117,8 @@ same rate) and expect quality close to AdamW's at :math:`\rho = 0.25`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -120,6 +138,7 @@ __all__ = [
     "frugal_",
     "frugal_param_groups",
     "is_projectable",
+    "peak_block_share",
     "refresh_blocks_",
     "select_blocks",
     "state_free_update",
@@ -131,11 +150,16 @@ BLOCK_ORDERS = ("descending", "ascending", "mirror", "random")
 PROJ_SIDES = ("std", "reverse_std")
 INACTIVE_RULES = ("sign_sgd", "sgd", "no")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
-# the module-name keys of the official code's split (attention and MLP Linear layers of LLaMA/BERT-style models)
+# the module-name keys of the official code's split (attention and MLP Linear layers of LLaMA/BERT-style models),
+# then ours: fused attention input and output named directly under a block (timm-style, optimlab's bench
+# transformer), which the official keys miss when there is no "attn" parent
 DEFAULT_TARGET_MODULES = (
     "attn", "mlp", "q_proj", "v_proj", "up_proj", "down_proj", "gate_proj", "k_proj", "o_proj",
     "query", "value", "key", "intermediate.dense", "output.dense",
+    "qkv", ".proj",
 )  # fmt: skip
+# how far above the density block mode's active share may go before the optimizer warns
+BLOCK_MEMORY_SLACK = 0.05
 
 
 # -- kernels ------------------------------------------------------------------------------------------------------
@@ -184,8 +208,10 @@ def _right_side(shape: torch.Size, proj_side: str) -> bool:
     return rows >= cols if proj_side == "std" else rows < cols
 
 
-def _dense_rank(shape: torch.Size, density: float, right: bool) -> int:
-    return round((shape[1] if right else shape[0]) * density)
+def _dense_rank(shape: torch.Size, density: float, right: bool, proj_type: str) -> int:
+    k = round((shape[1] if right else shape[0]) * density)
+    # a thin SVD has min(r, c) singular vectors: the code's Vh[:k] / U[:, :k] silently stop there
+    return min(k, *shape) if proj_type == "svd" else k
 
 
 def _coordinate_pool(shape: torch.Size, proj_type: str) -> int:
@@ -208,7 +234,9 @@ def _dense_projector(g: Tensor, k: int, right: bool, proj_type: str, generator: 
     rows, cols = g.shape
     n = cols if right else rows
     if proj_type == "svd":
-        u, _, vh = torch.linalg.svd(g, full_matrices=k > min(rows, cols))
+        if k == 0:  # ρ = 0: nothing to span, and an SVD every update_gap steps would be wasted
+            return g.new_zeros((0, cols) if right else (rows, 0))
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
         return vh[:k].clone() if right else u[:, :k].clone()
     if generator is None:
         raise RuntimeError(f"proj_type={proj_type!r} draws random numbers: pass a torch.Generator as generator")
@@ -254,6 +282,22 @@ def select_blocks(
         start = refresh_index * n_active
         return sorted({outside_in[(start + i) % n_tensors] for i in range(n_active)})
     raise ValueError(f"Invalid block_order: {order!r}; expected one of {', '.join(BLOCK_ORDERS)}")
+
+
+def peak_block_share(numels: Sequence[int], n_active: int, order: str, active: Iterable[int]) -> float:
+    """The largest share of the elements (``numels``: one count per block) that block mode keeps active: over one
+    cycle of windows for a deterministic ``order``, of the current ``active`` positions for ``"random"``."""
+    total = sum(numels)
+    if total == 0 or n_active == 0:
+        return 0.0
+    n = len(numels)
+    # the windows of a deterministic order start n_active further on each refresh: they repeat after n/gcd refreshes
+    windows = (
+        [active]
+        if order == "random"
+        else (select_blocks(n, n_active, order, r) for r in range(n // math.gcd(n, n_active)))
+    )
+    return max(sum(numels[i] for i in window) for window in windows) / total
 
 
 def refresh_blocks_(
@@ -312,9 +356,17 @@ def frugal_(
     A state starts as ``{}`` or ``{"step": 0}``. A regular parameter's holds ``step``, ``exp_avg``,
     ``exp_avg_sq``; a projectable one's ``step`` (its update count, which drives the refresh), ``adam_step`` (the
     bias correction's count since the last reset), the moments in projected shape and ``projector`` (GaLore-like)
-    or ``indices`` (coordinate). In block mode the caller sets ``active`` first (:func:`refresh_blocks_`); a state
-    without it is inactive. ``generator`` draws the random projections.
+    or ``indices`` (coordinate). In block mode the caller sets ``active`` first (:func:`refresh_blocks_`): a
+    ``RuntimeError`` if no projectable state has it, and a state without it next to ones with it is inactive.
+    ``generator`` draws the random projections.
     """
+    if project and proj_type == "block":
+        blocks = [state for p, state in zip(params, states, strict=True) if is_projectable(p)]
+        if blocks and not any("active" in state for state in blocks):  # (dict keys only: no device sync)
+            raise RuntimeError(
+                "frugal_ with proj_type='block' needs the active tensors chosen first: call refresh_blocks_ on "
+                "the states (every update_gap steps), or use the FRUGAL class, which does"
+            )
     shrink = 1 - lr * weight_decay
     lr_active = lr * proj_lr_scale
     lr_free = lr_active * inactive_lr_scale
@@ -336,7 +388,7 @@ def frugal_(
                              reset_statistics, refresh, inactive_update_rule)  # fmt: skip
         else:
             right = _right_side(p.shape, proj_side)
-            k = _dense_rank(p.shape, density, right)
+            k = _dense_rank(p.shape, density, right, proj_type)
             shape = (k, p.shape[1]) if right else (p.shape[0], k)
             refresh = (
                 "projector" not in state
@@ -441,14 +493,22 @@ class FRUGAL(OptimlabOptimizer):
         seed: int = 0,
     ) -> None:
         super().__init__(params, self._defaults_from_arguments(locals()))
+        self._block_memory_warned = False
         # made now, not on first use: torch.compile loses a generator created inside a traced step
         first = next((p for g in self.param_groups for p in g["params"]), None)
         if first is not None:
             self.generator(first.device)
 
+    @classmethod
+    def model_param_groups(cls, model: nn.Module) -> list[dict[str, Any]]:
+        """The paper's split of ``model``'s parameters, :func:`frugal_param_groups` (the benchmark runner builds
+        FRUGAL on it)."""
+        return frugal_param_groups(model)
+
     @staticmethod
     def _blocks(group: dict[str, Any]) -> list[Tensor]:
-        return [p for p in group["params"] if is_projectable(p)]
+        # a frozen tensor gets no gradient: as a block it would only take an active slot and hold moments
+        return [p for p in group["params"] if p.requires_grad and is_projectable(p)]
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {"step": 0}  # the core creates the rest: its shape depends on the projection
@@ -466,14 +526,32 @@ class FRUGAL(OptimlabOptimizer):
         group["block_step"] = step + 1
         blocks = self._blocks(group) if step % group["update_gap"] == 0 else []
         if blocks:
+            n_active = round(len(blocks) * group["density"])
             active = select_blocks(
                 len(blocks),
-                round(len(blocks) * group["density"]),
+                n_active,
                 group["block_order"],
                 step // group["update_gap"],
                 self.generator(blocks[0].device),
             )
+            if not self._block_memory_warned:
+                self._warn_if_blocks_exceed_density(group, blocks, n_active, active)
             refresh_blocks_(blocks, [self.state[p] for p in blocks], active, reset_statistics=group["reset_statistics"])
+
+    def _warn_if_blocks_exceed_density(
+        self, group: dict[str, Any], blocks: list[Tensor], n_active: int, active: list[int]
+    ) -> None:
+        share = peak_block_share([p.numel() for p in blocks], n_active, group["block_order"], active)
+        if share > group["density"] + BLOCK_MEMORY_SLACK:
+            self._block_memory_warned = True
+            warnings.warn(
+                f"FRUGAL block mode: the active tensors hold up to {share:.3f} of the projectable elements, more "
+                f"than density={group['density']} + {BLOCK_MEMORY_SLACK} (blocks are counted, not sized), so the "
+                "optimizer state will exceed the nominal density; build the optimizer on "
+                "frugal_param_groups(model) (layer-aligned blocks, embeddings and output layer regular) or use "
+                "proj_type='columns'",
+                stacklevel=2,
+            )
 
 
 def frugal_param_groups(
@@ -485,20 +563,27 @@ def frugal_param_groups(
 ) -> list[dict[str, Any]]:
     """Param groups with the official code's split: the weights of ``nn.Linear`` modules whose qualified name
     contains one of ``target_modules`` are projectable (``project=True``), everything else regular
-    (``project=False``, full AdamW). ``project_embeddings`` adds ``nn.Embedding`` weights, ``project_logits`` the
-    weights of modules named ``lm_head``. Parameters with ``requires_grad=False`` are left out.
+    (``project=False``, full AdamW). ``project_embeddings`` adds ``nn.Embedding`` weights (the code: parameters
+    named ``embed_tokens``), ``project_logits`` the weights of modules named ``lm_head``; as in the code they
+    follow the Linear weights, in ``named_parameters`` order (the order block mode walks). Parameters with
+    ``requires_grad=False`` are left out.
     """
     keys = tuple(target_modules)
     chosen: dict[int, Tensor] = {}
+    extra: set[int] = set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or not weight.requires_grad:
             continue
-        linear = isinstance(module, nn.Linear) and any(key in name for key in keys)
-        embedding = project_embeddings and isinstance(module, nn.Embedding)
-        logits = project_logits and name.rsplit(".", 1)[-1] == "lm_head"
-        if linear or embedding or logits:
+        if isinstance(module, nn.Linear) and any(key in name for key in keys):
             chosen[id(weight)] = weight
+        elif (project_embeddings and isinstance(module, nn.Embedding)) or (
+            project_logits and name.rsplit(".", 1)[-1] == "lm_head"
+        ):
+            extra.add(id(weight))
+    for p in model.parameters():
+        if id(p) in extra:
+            chosen.setdefault(id(p), p)
     regular = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
     return [{"params": regular, "project": False}, {"params": list(chosen.values()), "project": True}]
 
@@ -530,7 +615,9 @@ register(
         capabilities=Capabilities(global_state=True, stochastic=True),
         advice=(
             "AdamW's learning rate (the paper: 1e-3 for LLaMA pre-training, the state-free part at the same rate; "
-            "inactive_lr_scale 0.1 for fine-tuning); density 0.25 keeps about a quarter of AdamW's state."
+            "inactive_lr_scale 0.1 for fine-tuning); density 0.25 keeps about a quarter of AdamW's state. For the "
+            "paper's set-up build it on frugal_param_groups(model) (embeddings, lm_head, norms and biases on full "
+            "AdamW): FRUGAL(model.parameters()) projects every 2-D tensor, embeddings and head included."
         ),
     )
 )
