@@ -202,8 +202,11 @@ def _warm_up(
     The gradients are zeros; with ``create_graph`` they come from a zero loss's backward, so a second-order
     optimizer finds the graph it differentiates."""
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    warm = factory(copies, **hparams)
-    with torch.random.fork_rng(devices=[]):
+    with warnings.catch_warnings():  # advice about a flat parameter list (FRUGAL's) is for the trial's own build
+        warnings.simplefilter("ignore", UserWarning)
+        warm = factory(copies, **hparams)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         for _ in range(2):
             if create_graph:
                 warm.zero_grad(set_to_none=True)
