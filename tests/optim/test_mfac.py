@@ -115,6 +115,28 @@ def test_float32_ihvp_in_the_gradient_span_matches_a_float64_solve() -> None:
         assert error < 1e-6, error
 
 
+@pytest.mark.parametrize("block_size", [None, 500])
+def test_float32_static_product_in_the_gradient_span_matches_a_float64_solve(block_size) -> None:
+    """The static form has the same cancellation at the default damp: its Gram matrix, products with G and
+    subtraction run in float64 on column chunks, so float32 gradients give float32 rounding of the exact solve
+    (in float32 throughout the relative error was O(1))."""
+    m, d, damp = 16, 1500, 1e-5
+    grads = torch.randn(m, d, generator=torch.Generator().manual_seed(4))
+    inverse = MFACInverse(grads, damp=damp, block_size=block_size)
+    mix = torch.randn(m, generator=torch.Generator().manual_seed(5))
+    vectors = torch.stack([grads[-1], mix @ grads, torch.randn(d, generator=torch.Generator().manual_seed(6))])
+    result = inverse.mul(vectors)
+    assert result.dtype == torch.float32
+    width = d if block_size is None else block_size
+    for start in range(0, d, width):
+        block = grads[:, start : start + width].double()
+        fisher = dense_fisher(block, damp)
+        for row in range(3):
+            expected = torch.linalg.solve(fisher, vectors[row, start : start + width].double())
+            got = result[row, start : start + width].double()
+            assert ((got - expected).norm() / expected.norm()) < 1e-6
+
+
 def test_missing_gradient_pushes_a_zero_slice_and_leaves_the_parameter_unmoved() -> None:
     m, damp, lr = 4, 1e-3, 0.3
     params = make_params()

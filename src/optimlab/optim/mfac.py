@@ -457,12 +457,21 @@ class MFACInverse:
 
     @staticmethod
     def _gram(blocks: Tensor) -> Tensor:
-        return blocks @ blocks.mT
+        r""":math:`K = GG^\top` per block in the solve dtype, accumulated over column chunks: a float32 :math:`K`
+        alone costs :math:`\epsilon_{32}\lVert K\rVert/(m\lambda)` relative error, O(1) at the default damp."""
+        count, m, _ = blocks.shape
+        work = _solve_dtype(blocks.device)
+        gram = torch.zeros(count, m, m, dtype=work, device=blocks.device)
+        for columns in _column_chunks(blocks.shape[2], count * m):
+            chunk = blocks[..., columns].to(work)
+            gram.baddbmm_(chunk, chunk.mT)
+        return gram
 
     def mul(self, vectors: Tensor) -> Tensor:
         r""":math:`\hat F^{-1} x` for ``vectors`` of shape ``(d,)`` or ``(..., d)`` (each row a vector), in the
-        gradients' dtype. For small ``damp`` and float32 inputs the result has an absolute error of about
-        :math:`\epsilon_{32} \lVert x\rVert/\lambda`; pass float64 where that matters."""
+        gradients' dtype. The products with :math:`G` and the subtraction run in the solve dtype (float64 except
+        on MPS), on column chunks of :math:`G` cast one at a time: in float32 the subtraction
+        :math:`x - G^\top S^{-1}Gx` cancels to an error of about :math:`\epsilon_{32}\lVert x\rVert/\lambda`."""
         d = self.grads.shape[1]
         if not isinstance(vectors, Tensor) or vectors.dim() == 0 or vectors.shape[-1] != d:
             shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else repr(vectors)
@@ -474,10 +483,15 @@ class MFACInverse:
             start, count, width = segment
             blocks = self._blocks(segment)  # (count, m, width)
             xs = x[:, start : start + count * width].reshape(n, count, width).permute(1, 2, 0)  # (count, width, n)
-            products = (blocks @ xs).to(factor.dtype)
-            coefficients = torch.cholesky_solve(products, factor).to(x.dtype)
-            part = (xs - blocks.mT @ coefficients).div_(self.damp)
-            out[:, start : start + count * width] = part.permute(2, 0, 1).reshape(n, count * width)
+            chunks = list(_column_chunks(width, count * blocks.shape[1]))
+            products = torch.zeros(count, blocks.shape[1], n, dtype=factor.dtype, device=factor.device)
+            for columns in chunks:
+                products.baddbmm_(blocks[..., columns].to(factor.dtype), xs[:, columns].to(factor.dtype))
+            coefficients = torch.cholesky_solve(products, factor)
+            view = out[:, start : start + count * width].view(n, count, width)
+            for columns in chunks:
+                wide = xs[:, columns].to(factor.dtype) - blocks[..., columns].to(factor.dtype).mT @ coefficients
+                view[:, :, columns] = wide.div_(self.damp).permute(2, 0, 1).to(out.dtype)
         return out.reshape(vectors.shape)
 
     __matmul__ = mul
