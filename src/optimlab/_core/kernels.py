@@ -41,7 +41,20 @@ from torch import Tensor
 from torch.autograd.graph import increment_version
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["Kernel", "add", "add_", "addcdiv_", "addcmul_", "div_", "mul_", "kernel", "kernel_mode", "get_kernel_mode", "set_kernel_mode"]
+__all__ = [
+    "Kernel",
+    "adam_moments_",
+    "add",
+    "add_",
+    "addcdiv_",
+    "addcmul_",
+    "div_",
+    "mul_",
+    "kernel",
+    "kernel_mode",
+    "get_kernel_mode",
+    "set_kernel_mode",
+]
 
 Mode = Literal["compiled", "eager"]
 _MODES = ("compiled", "eager")
@@ -120,6 +133,26 @@ def addcmul_(x: Tensor, y: Tensor, z: Tensor, value: float | Tensor) -> Tensor:
 def addcdiv_(x: Tensor, y: Tensor, z: Tensor, value: float | Tensor) -> Tensor:
     """``x += value * y / z``"""
     return x.add_(y / z * value) if isinstance(value, Tensor) else x.addcdiv_(y, z, value=value)
+
+
+def adam_moments_(
+    first: Tensor,
+    second: Tensor,
+    m: Tensor,
+    v: Tensor,
+    beta1: float | Tensor,
+    c1: float | Tensor,
+    beta2: float | Tensor,
+    c2: float | Tensor,
+    sqrt_bc2: float | Tensor,
+    eps: float | Tensor,
+) -> Tensor:
+    """Advance Adam's moments in place, ``m ← β1 m + c1·first`` and ``v ← β2 v + c2·second²`` (``first`` and
+    ``second`` are the same gradient for Adam; coordinate clipping feeds ``m`` the clipped one), and return the
+    denominator ``sqrt(v)/sqrt(1-β2^t) + ε`` as a new tensor. Called inside kernels."""
+    add_(mul_(m, beta1), first, c1)
+    addcmul_(mul_(v, beta2), second, second, c2)
+    return div_(v.sqrt(), sqrt_bc2).add_(eps)
 
 
 # -- the mechanism -------------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from optimlab._core.kernels import add, add_, addcdiv_, addcmul_, div_, kernel, mul_
+from optimlab._core.kernels import adam_moments_, add, add_, addcdiv_, kernel, mul_
 from optimlab._core.optimizer import OptimlabOptimizer, as_float
 from optimlab._core.validation import DECAY_RATE, NON_NEGATIVE, Constraint, Each, adam_family
 from optimlab.optim.lion import KAPPAS, lion_k_
@@ -173,19 +173,10 @@ def coord_clipped_sign_sgd_(groups: Sequence[Group], *, fraction: float, thresho
 
 
 # -- Adam ---------------------------------------------------------------------------------------------------------------
-def _adam_moments(clipped: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Any) -> Tensor:
-    """Advance ``m`` (on the clipped gradient) and ``v`` (on the raw one) in place; return Adam's denominator
-    ``sqrt(v)/sqrt(1-β2^t) + ε``."""
-    beta1, c1, beta2, c2, bc2_sqrt, eps, _ = scalars
-    add_(mul_(m, beta1), clipped, c1)
-    addcmul_(mul_(v, beta2), g, g, c2)
-    return div_(v.sqrt(), bc2_sqrt).add_(eps)
-
-
 @kernel(read_only=("clipped", "g"))
 def coord_clipped_adam_update(p: Tensor, clipped: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Any) -> None:
     """One tensor's clipped-Adam step without an update clip, in place; the last scalar is ``lr/(1-β1^t)``."""
-    denom = _adam_moments(clipped, g, m, v, scalars)
+    denom = adam_moments_(clipped, g, m, v, *scalars[:-1])  # m on the clipped gradient, v on the raw one
     addcdiv_(p, m, denom, -scalars[-1])
 
 
@@ -193,7 +184,7 @@ def coord_clipped_adam_update(p: Tensor, clipped: Tensor, g: Tensor, m: Tensor, 
 def coord_clipped_adam_direction(clipped: Tensor, g: Tensor, m: Tensor, v: Tensor, out: Tensor, scalars: Any) -> None:
     """Advance one tensor's moments and write its unscaled update ``m̂/(sqrt(v̂)+ε)`` into ``out``; the last
     scalar is ``1/(1-β1^t)``."""
-    denom = _adam_moments(clipped, g, m, v, scalars)
+    denom = adam_moments_(clipped, g, m, v, *scalars[:-1])  # m on the clipped gradient, v on the raw one
     out.copy_(mul_(m / denom, scalars[-1]))
 
 

@@ -124,7 +124,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from optimlab._core.kernels import add_, addcdiv_, addcmul_, div_, kernel, mul_
+from optimlab._core.kernels import adam_moments_, add_, addcdiv_, kernel, mul_
 from optimlab._core.optimizer import OptimlabOptimizer, state_dtype
 from optimlab._core.validation import NON_NEGATIVE, Choice, Flag, Interval, adam_family
 from optimlab.optim.lion import KAPPAS
@@ -167,21 +167,16 @@ BLOCK_MEMORY_SLACK = 0.05
 def adamw_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Any) -> None:
     """One tensor's AdamW step, in place; ``scalars`` are ``(shrink, β1, 1-β1, β2, 1-β2, sqrt(1-β2^t), ε,
     lr/(1-β1^t))`` with the decoupled decay ``shrink = 1 - lr·λ``."""
-    shrink, beta1, c1, beta2, c2, sqrt_bc2, eps, step_size = scalars
+    shrink, *moments, step_size = scalars
     mul_(p, shrink)
-    add_(m.mul_(beta1), g, c1)
-    addcmul_(v.mul_(beta2), g, g, c2)
-    addcdiv_(p, m, div_(v.sqrt(), sqrt_bc2).add_(eps), -step_size)
+    addcdiv_(p, m, adam_moments_(g, g, m, v, *moments), -step_size)
 
 
 @kernel(read_only=("g",))
 def adam_direction(g: Tensor, m: Tensor, v: Tensor, out: Tensor, scalars: Any) -> None:
     """Advance Adam's moments with ``g`` and write ``m / (sqrt(v/(1-β2^t)) + ε)`` into ``out`` (the caller scales
     it by ``-lr/(1-β1^t)``); ``scalars`` are ``(β1, 1-β1, β2, 1-β2, sqrt(1-β2^t), ε)``."""
-    beta1, c1, beta2, c2, sqrt_bc2, eps = scalars
-    add_(m.mul_(beta1), g, c1)
-    addcmul_(v.mul_(beta2), g, g, c2)
-    out.copy_(m / div_(v.sqrt(), sqrt_bc2).add_(eps))
+    out.copy_(m / adam_moments_(g, g, m, v, *scalars))
 
 
 @kernel(read_only=("g",))
