@@ -219,11 +219,14 @@ def _warm_up(
 
 
 def _backward(loss: torch.Tensor, create_graph: bool) -> None:
+    if not create_graph:  # the usual step: no warning to silence, no filter state to save and restore
+        loss.backward()
+        return
     with warnings.catch_warnings():
         # torch warns that a graph in p.grad references its parameter; the next zero_grad(set_to_none=True) (and
         # the end of the trial) breaks that cycle
         warnings.filterwarnings("ignore", r"Using backward\(\) with create_graph=True", UserWarning)
-        loss.backward(create_graph=create_graph)
+        loss.backward(create_graph=True)
 
 
 def _train(
