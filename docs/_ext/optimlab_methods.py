@@ -106,6 +106,8 @@ ENTRY_POINTS = {  # the methods a user calls, by kind
     "loss": ["forward"],
     "layer": ["forward"],
     "function": [],
+    "communication": [],
+    "aggregator": ["__call__"],
 }
 
 

@@ -21,8 +21,20 @@ from optimlab._core.validation import Constraint
 
 __all__ = ["Capabilities", "MethodInfo", "register", "get", "available", "create", "markdown_table", "REGISTRY"]
 
-Kind = Literal["optimizer", "wrapper", "layer", "loss", "schedule", "solver", "function"]
-KINDS: tuple[str, ...] = ("optimizer", "wrapper", "layer", "loss", "schedule", "solver", "function")
+Kind = Literal["optimizer", "wrapper", "layer", "loss", "schedule", "solver", "function", "communication", "aggregator"]
+# "communication": a compressed-communication scheme for data-parallel training (DDP hook + simulator);
+# "aggregator": a rule combining workers' gradients into one (robust aggregation)
+KINDS: tuple[str, ...] = (
+    "optimizer",
+    "wrapper",
+    "layer",
+    "loss",
+    "schedule",
+    "solver",
+    "function",
+    "communication",
+    "aggregator",
+)
 
 
 @dataclass(frozen=True)
