@@ -30,6 +30,7 @@ version = ".".join(release.split(".")[:2])
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.mathjax",
+    "sphinx.ext.napoleon",  # the "Args:" / "Attributes:" sections of docstrings
     "sphinx.ext.viewcode",
     "optimlab_methods",
 ]

@@ -124,7 +124,7 @@ def _class_members(info: Any) -> list[str]:
             function = value.__func__ if isinstance(value, classmethod | staticmethod) else value
             if inspect.isfunction(function) and function.__doc__:
                 members.append(name)
-    if info.capabilities.stochastic:
+    if info.capabilities.stochastic and hasattr(info.cls, "generator"):
         members.append("generator")
     return members
 
@@ -237,6 +237,8 @@ def method_page(info: Any, index_module: bool) -> str:
         "when the wrapper is built; the learning rate, weight decay and the other step settings are the inner "
         "optimizer's"
         if info.kind == "wrapper"
+        else "when it is built"
+        if info.kind in ("communication", "aggregator", "layer", "loss", "function", "solver")
         else "for every param group, including groups added later"
     )
     lines += [
@@ -246,7 +248,10 @@ def method_page(info: Any, index_module: bool) -> str:
         ),
         "",
     ]
-    lines += _list_table(["Argument", "Default", "Allowed values"], rows, widths="20 20 60")
+    if rows:
+        lines += _list_table(["Argument", "Default", "Allowed values"], rows, widths="20 20 60")
+    else:
+        lines += ["It takes no arguments.", ""]
 
     lines += _title("Capabilities", "-")
     caps = dataclasses.asdict(info.capabilities)

@@ -3,9 +3,11 @@
 Every method is a registry entry (:mod:`optimlab.registry`); :func:`create` builds one by name and
 :func:`available` lists them. Schedules and learning-rate rules live in :mod:`optimlab.schedules`, losses and
 layers in :mod:`optimlab.nn`, solvers in :mod:`optimlab.solvers`, per-sample gradients in
-:mod:`optimlab.per_sample`.
+:mod:`optimlab.per_sample`, training across workers in :mod:`optimlab.distributed`, differentially private
+training in :mod:`optimlab.privacy`.
 """
 
+from optimlab.distributed import EF14, EF21, EControl, Flag, OneBitAdam
 from optimlab.nn.stablemax import StableMaxCrossEntropyLoss
 from optimlab.nn.tract import TrAct
 from optimlab.nn.wtacrs import WTACRSLinear
@@ -19,6 +21,7 @@ from optimlab.optim.frugal import FRUGAL, frugal_param_groups
 from optimlab.optim.lion import Lion, LionK
 from optimlab.optim.mfac import MFAC, MFACInverse, mfac_ihvp
 from optimlab.optim.sso import SSO
+from optimlab.privacy import DPSGD, DiceSGD
 from optimlab.registry import REGISTRY, MethodInfo, available, create, get
 from optimlab.solvers.normalized_lrgd import NormalizedLRGD
 from optimlab.transforms.coord_clip import CoordClip
@@ -35,8 +38,14 @@ __all__ = [
     "CoordClippedLion",
     "CoordClippedSGD",
     "CoordClippedSignSGD",
+    "DiceSGD",
     "DiffGrad",
+    "DPSGD",
+    "EControl",
+    "EF14",
+    "EF21",
     "EXAdam",
+    "Flag",
     "FRUGAL",
     "frugal_param_groups",
     "Lion",
@@ -45,6 +54,7 @@ __all__ = [
     "MFACInverse",
     "mfac_ihvp",
     "NormalizedLRGD",
+    "OneBitAdam",
     "OrthoGrad",
     "SSO",
     "StableMaxCrossEntropyLoss",

@@ -43,6 +43,7 @@ class Capabilities:
 
     needs_closure: bool = False
     needs_create_graph: bool = False
+    per_sample_grads: bool = False  # steps on per-example gradients (p.grad_sample, as Opacus fills it), not p.grad
     global_state: bool = False  # state couples tensors (global clipping, per-matrix SVD, ...)
     stochastic: bool = False  # draws random numbers from its own generator
     sparse_grads: bool = False

@@ -21,9 +21,25 @@ def needs_graph(opt: torch.optim.Optimizer) -> bool:
     return info is not None and info.capabilities.needs_create_graph
 
 
+def per_sample(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt`` steps on per-example gradients (DP-SGD, DiceSGD) rather than on ``p.grad``."""
+    info = getattr(type(opt), "info", None)
+    return info is not None and info.capabilities.per_sample_grads
+
+
+def attach_per_sample(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> None:
+    """For an optimizer on per-example gradients, present each ``p.grad`` as a batch of one example
+    (``p.grad_sample``, Opacus's attribute), so every check drives it with the same gradients as the others."""
+    if per_sample(opt):
+        for p in params:
+            p.grad_sample = None if p.grad is None else p.grad.detach().unsqueeze(0)
+
+
 def backward(loss: Tensor, opt: torch.optim.Optimizer) -> None:
-    """``loss.backward()``, with ``create_graph=True`` for an optimizer that needs it."""
+    """``loss.backward()``, with ``create_graph=True`` for an optimizer that needs it (and the gradients as a batch
+    of one example for an optimizer on per-example gradients)."""
     loss.backward(create_graph=needs_graph(opt))
+    attach_per_sample(opt, [p for group in opt.param_groups for p in group["params"]])
 
 
 def set_gradients(opt: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
@@ -32,6 +48,7 @@ def set_gradients(opt: torch.optim.Optimizer, params: Sequence[Tensor], grads: S
     if not needs_graph(opt):
         for p, g in zip(params, grads):
             p.grad = g
+        attach_per_sample(opt, params)
         return
     for p in params:
         p.grad = None

@@ -26,6 +26,11 @@ WRAPPER_INNERS: tuple[tuple[str, type, dict[str, Any]], ...] = (
 )
 
 
+# construction arguments beyond the hyperparameters for entries that cannot otherwise run in one process:
+# 1-bit Adam as one simulated worker, with a warm-up short enough that the checks reach its frozen-variance phase
+CONSTRUCTION: dict[str, dict[str, Any]] = {"onebit_adam": {"workers": 1, "freeze_step": 3}}
+
+
 @dataclass(frozen=True)
 class Subject:
     """One configuration of one registry entry, and how to build it on a list of parameters."""
@@ -77,7 +82,7 @@ def _subjects() -> list[Subject]:
         if info.kind == "optimizer":
             lr = _tuning_lr(info)
             for label, hp in _variants(info):
-                subjects.append(Subject(f"{name}[{label}]", info, {"lr": lr, **hp}))
+                subjects.append(Subject(f"{name}[{label}]", info, {"lr": lr, **CONSTRUCTION.get(name, {}), **hp}))
         elif info.kind == "wrapper":
             for label, hp in _variants(info):
                 for inner in WRAPPER_INNERS:

@@ -19,7 +19,16 @@ import torch
 
 from optimlab._core.kernels import kernel_mode
 
-from .problems import SeparableQuadratic, backward, clone_params, make_params, rosenbrock, set_gradients, train
+from .problems import (
+    SeparableQuadratic,
+    attach_per_sample,
+    backward,
+    clone_params,
+    make_params,
+    rosenbrock,
+    set_gradients,
+    train,
+)
 from .subjects import CLOSURE_ENTRIES, SUBJECTS, Subject
 
 subjects = pytest.mark.parametrize("subject", SUBJECTS, ids=lambda s: s.id)
@@ -281,6 +290,7 @@ def test_sparse_gradients(subject: Subject) -> None:
     opt = subject.make(params)
     for p in params:
         p.grad = torch.ones_like(p).to_sparse()
+    attach_per_sample(opt, params)
     if subject.info.capabilities.sparse_grads:
         opt.step()
     else:
@@ -293,6 +303,7 @@ def test_complex_parameters(subject: Subject) -> None:
     params = [torch.nn.Parameter(torch.randn(3, dtype=torch.complex128))]
     opt = subject.make(params)
     params[0].grad = torch.ones_like(params[0])
+    attach_per_sample(opt, params)
     if subject.info.capabilities.complex_params:
         opt.step()
     else:

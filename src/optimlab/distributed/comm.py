@@ -11,7 +11,8 @@ algorithms (ring, tree) move a small constant multiple of that, the same multipl
 the same collective.
 """
 
-from __future__ import annotations
+# no "from __future__ import annotations" here: DDP.register_comm_hook compares the hook's annotations with
+# dist.GradBucket and Future[Tensor] themselves, and rejects them as strings
 
 from datetime import timedelta
 from typing import Any

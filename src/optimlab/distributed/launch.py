@@ -10,7 +10,9 @@ to the caller, in rank order; an exception in any rank is raised in the caller w
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -40,7 +42,9 @@ def _rank_main(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timeout
     )
     try:
-        results.put((rank, True, fn(rank, world_size, *args)))
+        # pickled by value here: torch.multiprocessing would pass tensors as handles into this process's shared
+        # memory, which is gone once the rank exits and the parent reads the queue
+        results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # report every failure to the parent, which raises it
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -68,19 +72,27 @@ def spawn(
         ]
         for p in procs:
             p.start()
+        # read results while the ranks run: a rank blocks writing a large result into the queue's pipe until the
+        # parent reads it, so joining first could deadlock
+        collected: dict[int, Any] = {}
+        failures = []
+        deadline = time.monotonic() + timeout.total_seconds() * 2 + 60
+        while len(collected) + len(failures) < world_size and time.monotonic() < deadline:
+            if not results.empty():
+                rank, ok, value = results.get()
+                if ok:
+                    collected[rank] = pickle.loads(value)
+                else:
+                    failures.append(f"rank {rank}:\n{value}")
+            elif not any(p.is_alive() for p in procs) and results.empty():
+                break
+            else:
+                time.sleep(0.01)
         for p in procs:
-            p.join(timeout.total_seconds() * 2 + 60)
+            p.join(max(0.0, deadline - time.monotonic()))
         alive = [p for p in procs if p.is_alive()]
         for p in alive:
             p.kill()
-        collected: dict[int, Any] = {}
-        failures = []
-        while not results.empty():
-            rank, ok, value = results.get()
-            if ok:
-                collected[rank] = value
-            else:
-                failures.append(f"rank {rank}:\n{value}")
         if failures or alive or len(collected) != world_size:
             missing = sorted(set(range(world_size)) - set(collected))
             detail = (
