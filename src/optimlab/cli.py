@@ -10,7 +10,7 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-SUITE_NAMES = ("quick", "full", "aids", "curvature-memory")  # optimlab.bench.plan.SUITES (not imported here: start-up stays light)
+SUITE_NAMES = ("quick", "full", "aids", "curvature-memory", "distributed")  # optimlab.bench.plan.SUITES (not imported here: start-up stays light)
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -50,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     suite = bench.add_mutually_exclusive_group()
     suite.add_argument("--quick", action="store_const", const="quick", dest="suite", help="the quick suite (default)")
     suite.add_argument("--suite", choices=SUITE_NAMES, help="which suite to run (aids: refined schedules and "
-                       "StableMax + ⊥Grad; curvature-memory: AdaHessian, M-FAC, FRUGAL, TrAct, WTA-CRS)")
+                       "StableMax + ⊥Grad; curvature-memory: AdaHessian, M-FAC, FRUGAL, TrAct, WTA-CRS; "
+                       "distributed: EControl/EF21/EF14, robust aggregation, 1-bit Adam in the n-worker simulator)")
+    bench.add_argument("--torchrun", action="store_true", help="run the data-parallel trials (distributed suite) on "
+                       "real processes, one per worker, launched by torchrun (gloo) instead of the simulator")
     bench.add_argument("--optimizers", type=_csv, help="comma-separated optimizer specs (overrides the suite's)")
     bench.add_argument("--workloads", type=_csv, help="comma-separated workload names (overrides the suite's)")
     bench.add_argument("--out", type=Path, help="output folder (default: bench-results/<suite>)")
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from optimlab.bench.plan import SUITES, describe
-    from optimlab.bench.runner import resolve_optimizer
+    from optimlab.bench.runner import check_spec
     from optimlab.bench.study import run_suite
     from optimlab.bench.workloads import get_workload
 
@@ -141,16 +144,15 @@ def _bench(args: argparse.Namespace) -> int:
         optimizers=args.optimizers, workloads=args.workloads, seeds=args.seeds, tuning_trials=args.trials,
         search=args.search,
     )
-    for name in suite.workloads:
-        get_workload(name)
-    for spec in dict.fromkeys(o for _, o in suite.pairs()):
-        resolve_optimizer(spec)
-    out = args.out or Path("bench-results") / suite.name
+    for workload, spec in suite.pairs():
+        check_spec(spec, get_workload(workload))
+    out = args.out or Path("bench-results") / (suite.name + ("-torchrun" if args.torchrun else ""))
     storage = args.storage or str(out / "study.journal")
     for line in describe(suite):
         print(line)
     print(f"  results: {out}/results.jsonl   store: {storage}")
-    run_suite(suite, storage, out, jobs=args.jobs, threads=args.threads, progress=not args.no_progress)
+    run_suite(suite, storage, out, jobs=args.jobs, threads=args.threads, progress=not args.no_progress,
+              torchrun=args.torchrun)
     return _report(out, args.claims)
 
 

@@ -19,7 +19,8 @@ from optimlab.bench.workloads._common import EpochBatches, derive_seed
 QUICK = ["digits-logreg", "digits-mlp", "mnist1d-cnn", "rosenbrock", "quadratic"]
 SLOW = ["charlm", "modadd-grokking", "modadd-grokking-stablemax"]
 LAYER_VARIANTS = ["mnist1d-cnn-tract", "charlm-wtacrs"]  # a base workload with one of optimlab's layers swapped in
-DETERMINISTIC = ["rosenbrock", "quadratic"]  # no data, no noise: the seed changes nothing
+DATA_PARALLEL = ["lsq-hetero", "mnist1d-cnn-4workers", "digits-mlp-byzantine"]  # spread over simulated workers
+DETERMINISTIC = ["rosenbrock", "quadratic", "lsq-hetero"]  # no data, no noise: the seed changes nothing
 STOCHASTIC = [name for name in WORKLOADS if name not in DETERMINISTIC]
 
 # torch.optim.AdamW settings known to reach each target (measured; see each workload's module docstring)
@@ -76,7 +77,7 @@ def run(workload: Workload, seed: int, **adamw) -> tuple[float, int | None]:
 
 
 def test_registry_order_and_quick_suite():
-    assert list(WORKLOADS) == QUICK + SLOW + LAYER_VARIANTS
+    assert list(WORKLOADS) == QUICK + SLOW + LAYER_VARIANTS + DATA_PARALLEL
     assert [name for name, w in WORKLOADS.items() if w.quick] == QUICK
     for name, w in WORKLOADS.items():
         assert w.name == name and get_workload(name) is w
@@ -339,7 +340,7 @@ def test_the_stablemax_variant_is_the_same_task_with_the_stablemax_loss():
 def test_variants_name_their_base_and_stay_out_of_the_full_suite():
     from optimlab.bench.plan import SUITES
 
-    for name in LAYER_VARIANTS + ["modadd-grokking-stablemax"]:
+    for name in LAYER_VARIANTS + ["modadd-grokking-stablemax", "mnist1d-cnn-4workers", "digits-mlp-byzantine"]:
         base = get_workload(name).variant_of
         assert base in WORKLOADS and get_workload(base).variant_of is None
         assert name not in SUITES["full"].workloads and base in SUITES["full"].workloads
@@ -363,3 +364,35 @@ def test_the_wtacrs_variant_swaps_the_attention_output_and_mlp_layers_of_the_sam
     assert all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), sampled.model.parameters(), strict=True))
     assert plain.evaluate("val") == sampled.evaluate("val")  # evaluation runs the exact layer
     assert plain.train_loss(5).item() == sampled.train_loss(5).item()  # the forward pass is exact too
+
+
+@pytest.mark.parametrize("name", DATA_PARALLEL)
+def test_worker_losses_average_to_the_minibatch_gradient(name):
+    """The workers' shares make up the minibatch: the mean of their losses has the minibatch loss's gradient
+    (exactly for equal shares, as in every data-parallel workload), which is what DDP's all-reduce averages."""
+    workload = get_workload(name)
+    assert workload.workers > 1 and 0 <= workload.byzantine < workload.workers / 2
+    task = workload.build(0)
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    losses = task.worker_losses(5, workload.workers)
+    assert len(losses) == workload.workers and all(loss.ndim == 0 for loss in losses)
+    shared = torch.autograd.grad(torch.stack(losses).mean(), params)
+    whole = torch.autograd.grad(task.train_loss(5), params)
+    for a, b in zip(shared, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_lsq_hetero_is_heterogeneous_with_a_known_optimum():
+    """At the minimizer the mean gradient vanishes while single workers' gradients do not (what makes compressed
+    gradients biased there), and the suboptimality is 0 at x* and 1 at the start."""
+    from optimlab.bench.workloads.distributed import lsq_problem
+
+    task = get_workload("lsq-hetero").build(0)
+    assert task.evaluate("val")["suboptimality"] == pytest.approx(1.0)
+    a, b, f_star = lsq_problem()
+    x_star = torch.linalg.lstsq(a.flatten(0, 1), b.flatten()).solution
+    with torch.no_grad():
+        task.model.x.copy_(x_star)
+    assert abs(task.evaluate("val")["suboptimality"]) < 1e-12
+    grads = torch.stack([torch.autograd.grad(f, task.model.x)[0] for f in task.worker_losses(0, 10)])
+    assert grads.mean(0).norm() < 1e-10 * grads.norm(dim=1).min()

@@ -82,7 +82,7 @@ SUITES: dict[str, Suite] = {
     ),
     "full": Suite(
         "full",
-        workloads=tuple(name for name, w in WORKLOADS.items() if w.variant_of is None),
+        workloads=tuple(name for name, w in WORKLOADS.items() if w.variant_of is None and w.workers == 1),
         optimizers=("torch:AdamW", "adan", "exadam", "diffgrad", "lion", "orthograd(torch:AdamW)"),
         tuning_trials=8,
         seeds=3,
@@ -121,6 +121,21 @@ SUITES: dict[str, Suite] = {
             "mnist1d-cnn": ("torch:AdamW", "adahessian", "mfac"),
             # the projection named in both FRUGAL specs (blockwise is the default): the two lines read side by side
             "charlm": ("torch:AdamW", "frugal[proj_type='block']", "frugal[proj_type='svd']"),
+        },
+    ),
+    # training across workers (issue 8), in the single-process simulator: error feedback on heterogeneous least
+    # squares (Top-K 10 %, plain SGD steps; uncompressed SGD as the reference), robust aggregation under a
+    # sign-flip attack, and 1-bit Adam against Adam on the CNN spread over 4 workers
+    "distributed": Suite(
+        "distributed",
+        workloads=("lsq-hetero", "digits-mlp-byzantine", "mnist1d-cnn-4workers"),
+        optimizers=("torch:SGD",),
+        tuning_trials=6,
+        seeds=3,
+        optimizers_for={
+            "lsq-hetero": ("econtrol[eta=0.1]", "ef21", "ef14", "compressed_sgd", "torch:SGD"),
+            "digits-mlp-byzantine": ("flag", "mean", "coordinate_median", "trimmed_mean[f=3]", "krum[f=3]"),
+            "mnist1d-cnn-4workers": ("onebit_adam", "torch:Adam"),
         },
     ),
 }

@@ -27,11 +27,13 @@ import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 import optimlab
+from optimlab.bench.data_parallel import DataParallelStep, DDPStep, allreduce_bytes, is_data_parallel
 from optimlab.bench.records import CURVE_COLUMNS, TrialRecord
 from optimlab.bench.specs import OptimizerSpec, parse_spec
 from optimlab.bench.workloads.base import Workload
@@ -40,6 +42,7 @@ from optimlab.schedules import linear_decay, refine
 
 __all__ = [
     "resolve_optimizer",
+    "check_spec",
     "run_trial",
     "lr_range",
     "lr_factor",
@@ -72,6 +75,14 @@ def resolve_optimizer(spec: str | OptimizerSpec) -> Callable[..., torch.optim.Op
     return lambda params, **hp: cls(params, **{**parsed.fixed, **hp})
 
 
+def check_spec(spec: str | OptimizerSpec, workload: Workload) -> None:
+    """Raise ValueError if ``spec`` cannot train on ``workload``: an unknown name, or a distributed method
+    (communication scheme, aggregator) on a workload without simulated workers."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    if not is_data_parallel(parsed, workload):
+        resolve_optimizer(parsed)
+
+
 def needs_create_graph(spec: str | OptimizerSpec) -> bool:
     """Whether the spec's optimizer reads second derivatives (AdaHessian): its trials then run
     ``loss.backward(create_graph=True)``."""
@@ -99,7 +110,8 @@ def _registry_entry(name: str, kind: str):
 
 def lr_range(spec: str) -> tuple[float, float]:
     """The learning-rate range a fair tuner searches for ``spec``: its innermost optimizer's registry range (a
-    wrapper is tuned over the range of the optimizer it wraps), else a broad default."""
+    wrapper is tuned over the range of the optimizer it wraps; a distributed method over the range of the step it
+    drives), else a broad default."""
     name = parse_spec(spec).innermost.name
     if name in optimlab.available("optimizer"):
         return optimlab.get(name).lr_range
@@ -152,9 +164,11 @@ def run_trial(
     phase: str,
     env: dict[str, Any] | None = None,
     schedule_source: TrialRecord | None = None,
+    ranks: bool = False,
 ) -> TrialRecord:
     """Run one trial to its budget (or to divergence) and return its record. A ``refined`` spec's schedule is
-    computed from ``schedule_source``, the finished ``linear`` trial it refines."""
+    computed from ``schedule_source``, the finished ``linear`` trial it refines. With ``ranks`` this process is one
+    rank of a data-parallel trial on real processes (``optimlab bench --torchrun``, :mod:`optimlab.bench.torchrun`)."""
     record = TrialRecord(
         workload=workload.name,
         optimizer=optimizer,
@@ -173,14 +187,24 @@ def run_trial(
     params = [p for p in task.model.parameters() if p.requires_grad]
     try:
         spec = parse_spec(optimizer)
-        factory = resolve_optimizer(spec)
         factor = lr_factor(spec, workload.max_steps, schedule_source)
-        create_graph = needs_create_graph(spec)
-        _warm_up(factory, hparams, params, create_graph=create_graph)
-        opt = factory(model_param_groups(spec, task.model), **hparams)
+        create_graph = False
+        data_parallel = None
+        if ranks:
+            data_parallel = DDPStep(spec, task, params, hparams, workload, seed)
+            opt = data_parallel.optimizer
+        elif is_data_parallel(spec, workload):  # trained through the simulator: no warm-up step to hide
+            data_parallel = DataParallelStep(spec, params, hparams, workload, seed)
+            opt = data_parallel.optimizer
+        else:
+            factory = resolve_optimizer(spec)
+            create_graph = needs_create_graph(spec)
+            _warm_up(factory, hparams, params, create_graph=create_graph)
+            opt = factory(model_param_groups(spec, task.model), **hparams)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         log_norms = spec.schedule in ("linear", "refined")
-        _train(workload, task, opt, schedule, params, record, log_norms=log_norms, create_graph=create_graph)
+        _train(workload, task, opt, schedule, params, record, log_norms=log_norms, create_graph=create_graph,
+               data_parallel=data_parallel)
     except Exception as err:  # an optimizer's failure is a result, not a crash of the study
         record.status = "error"
         record.error = "".join(traceback.format_exception_only(type(err), err)).strip()
@@ -230,7 +254,16 @@ def _backward(loss: torch.Tensor, create_graph: bool) -> None:
 
 
 def _train(
-    workload, task, opt, schedule, params, record: TrialRecord, *, log_norms: bool = False, create_graph: bool = False
+    workload,
+    task,
+    opt,
+    schedule,
+    params,
+    record: TrialRecord,
+    *,
+    log_norms: bool = False,
+    create_graph: bool = False,
+    data_parallel: DataParallelStep | DDPStep | None = None,
 ) -> None:
     grad_evals = 0
     step = 0
@@ -248,10 +281,20 @@ def _train(
         grad_evals += 1
         return loss
 
+    # what else logs columns of its own: the data-parallel method (its bytes), or DDP's all-reduce it stands for
+    extra_metrics = data_parallel
+    if data_parallel is None and workload.workers > 1:
+        sent = float(allreduce_bytes(params))
+        extra_metrics = SimpleNamespace(bench_metrics=lambda: {"bytes_per_worker": sent})
+
     seconds = 0.0
     for step in range(workload.max_steps):
         start = time.perf_counter()
-        loss = opt.step(closure)
+        if data_parallel is None:
+            loss = opt.step(closure)
+        else:
+            loss = data_parallel(task, step)
+            grad_evals += 1
         schedule.step()
         seconds += time.perf_counter() - start
         pair = None
@@ -263,7 +306,7 @@ def _train(
         train_loss = loss.item()
         val = task.evaluate("val")
         pair = _grad_norm_pair(params) if pair is None else pair  # an evaluated step's norms, computed once
-        _log(record, opt, task, pair, step + 1, grad_evals, seconds, train_loss, val, workload.metric)
+        _log(record, (opt, task, extra_metrics), pair, step + 1, grad_evals, seconds, train_loss, val, workload.metric)
         if not (math.isfinite(train_loss) and math.isfinite(val["loss"]) and math.isfinite(val[workload.metric])):
             record.status = "diverged"
             break
@@ -301,7 +344,7 @@ def _grad_norm_pair(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([l1, l2])
 
 
-def _log(record, opt, task, grad_norms, step, grad_evals, seconds, train_loss, val, metric) -> None:
+def _log(record, sources, grad_norms, step, grad_evals, seconds, train_loss, val, metric) -> None:
     l1, l2 = grad_norms.tolist()
     row = {
         "step": step,
@@ -313,7 +356,7 @@ def _log(record, opt, task, grad_norms, step, grad_evals, seconds, train_loss, v
         "grad_l1": l1,
         "grad_l2": l2,
     }
-    for source in (opt, task):
+    for source in sources:
         extra = getattr(source, "bench_metrics", None)
         if callable(extra):
             row.update({k: float(v) for k, v in extra().items()})

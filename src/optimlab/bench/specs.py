@@ -7,7 +7,9 @@ Grammar (spaces are not allowed)::
     schedule  := "cosine" | "linear" | "refined"
 
 ``name`` is anything :func:`optimlab.registry.optimizer_class` accepts (``adan``, ``torch:AdamW``,
-``package.module:Class``) or, followed by ``(core)``, a registry wrapper around another spec. ``[...]`` fixes
+``package.module:Class``), a registry communication scheme or aggregator (``econtrol``, ``flag``: on the
+data-parallel workloads, :mod:`optimlab.bench.data_parallel`) or, followed by ``(core)``, a registry wrapper
+around another spec. ``[...]`` fixes
 hyperparameters of that optimizer or wrapper (Python literals: ``torch:AdamW[weight_decay=0]``,
 ``orthograd[rescale=False](adan)``); the learning rate is the tuner's and cannot be fixed. The schedule shapes
 the learning rate over the trial's step budget (the peak is the tuned lr):

@@ -20,6 +20,7 @@ from optimlab.bench.plan import Suite, pending, planned_count, score, source_key
 from optimlab.bench.records import TrialRecord, write_jsonl_atomic
 from optimlab.bench.runner import environment, run_trial
 from optimlab.bench.store import TrialStore
+from optimlab.bench.torchrun import run_trial_torchrun
 from optimlab.bench.workloads import Workload, get_workload
 
 __all__ = ["run_worker", "run_suite", "export"]
@@ -45,9 +46,11 @@ def run_worker(
     jobs: int,
     on_finish: Callable[[list[TrialRecord], int], None] | None = None,
     poll: float = 0.5,
+    torchrun: bool = False,
 ) -> None:
     """Claim and run trials until the suite is finished. ``on_finish(new_records, finished_count)`` is called
-    whenever this worker sees trials finished (by it or by other workers) that it had not seen."""
+    whenever this worker sees trials finished (by it or by other workers) that it had not seen. With ``torchrun``,
+    trials on data-parallel workloads run on real processes (:mod:`optimlab.bench.torchrun`)."""
     store = TrialStore(storage)
     env = environment(jobs)  # once per worker: it runs git and reads /proc/cpuinfo
     done = store.records()
@@ -75,10 +78,14 @@ def run_worker(
                 workload = get_workload(spec.workload)
                 n = trial_threads(workload, threads, jobs)
                 torch.set_num_threads(n)
-                record = run_trial(
-                    workload, spec.optimizer, spec.hparams, spec.seed, phase=spec.phase, env={**env, "threads": n},
-                    schedule_source=done.get(source_key(spec) or ""),
-                )
+                if torchrun and workload.workers > 1:
+                    record = run_trial_torchrun(workload, spec.optimizer, spec.hparams, spec.seed, phase=spec.phase,
+                                                env=env)
+                else:
+                    record = run_trial(
+                        workload, spec.optimizer, spec.hparams, spec.seed, phase=spec.phase,
+                        env={**env, "threads": n}, schedule_source=done.get(source_key(spec) or ""),
+                    )
                 store.finish(trial_id, record, score(record))
             finally:
                 stop.set()
@@ -90,9 +97,19 @@ def run_worker(
             refresh()
 
 
-def run_suite(suite: Suite, storage: str, out: Path, *, jobs: int = 1, threads: int | None = None, progress: bool = True) -> list[TrialRecord]:
+def run_suite(
+    suite: Suite,
+    storage: str,
+    out: Path,
+    *,
+    jobs: int = 1,
+    threads: int | None = None,
+    progress: bool = True,
+    torchrun: bool = False,
+) -> list[TrialRecord]:
     """Run the suite with ``jobs`` local worker processes (this one included); return every record. Each trial
-    runs with ``threads`` intra-op threads, by default its workload's count (see ``trial_threads``)."""
+    runs with ``threads`` intra-op threads, by default its workload's count (see ``trial_threads``); with
+    ``torchrun``, a data-parallel trial runs as one single-threaded process per worker instead."""
     out.mkdir(parents=True, exist_ok=True)
     store = TrialStore(storage)
     total = planned_count(suite)
@@ -105,13 +122,13 @@ def run_suite(suite: Suite, storage: str, out: Path, *, jobs: int = 1, threads: 
         bar.refresh()
 
     helpers = [
-        multiprocessing.get_context("spawn").Process(target=run_worker, args=(suite, storage, out, threads, jobs), daemon=True)
+        multiprocessing.get_context("spawn").Process(target=run_worker, args=(suite, storage, out, threads, jobs, None, 0.5, torchrun), daemon=True)
         for _ in range(jobs - 1)
     ]
     for p in helpers:
         p.start()
     try:
-        run_worker(suite, storage, out, threads, jobs, on_finish)
+        run_worker(suite, storage, out, threads, jobs, on_finish, torchrun=torchrun)
         for p in helpers:
             p.join()
     finally:

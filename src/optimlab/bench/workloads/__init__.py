@@ -4,14 +4,15 @@ or is generated locally (MNIST-1D's is cached on disk after the first build)."""
 
 from __future__ import annotations
 
-from optimlab.bench.workloads.base import Split, Task, Workload
+from optimlab.bench.workloads.base import DataParallelTask, Split, Task, Workload
 from optimlab.bench.workloads.charlm import CHARLM, CHARLM_WTACRS
 from optimlab.bench.workloads.digits import DIGITS_LOGREG, DIGITS_MLP
+from optimlab.bench.workloads.distributed import DIGITS_MLP_BYZANTINE, LSQ_HETERO, MNIST1D_CNN_4WORKERS
 from optimlab.bench.workloads.mnist1d_cnn import MNIST1D_CNN, MNIST1D_CNN_TRACT
 from optimlab.bench.workloads.modadd import MODADD_GROKKING, MODADD_GROKKING_STABLEMAX
 from optimlab.bench.workloads.synthetic import QUADRATIC, ROSENBROCK
 
-__all__ = ["WORKLOADS", "Split", "Task", "Workload", "get_workload"]
+__all__ = ["WORKLOADS", "DataParallelTask", "Split", "Task", "Workload", "get_workload"]
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -26,6 +27,9 @@ WORKLOADS: dict[str, Workload] = {
         MODADD_GROKKING_STABLEMAX,
         MNIST1D_CNN_TRACT,
         CHARLM_WTACRS,
+        LSQ_HETERO,
+        MNIST1D_CNN_4WORKERS,
+        DIGITS_MLP_BYZANTINE,
     )
 }
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Task", "Workload", "Split"]
+__all__ = ["DataParallelTask", "Task", "Workload", "Split"]
 
 Split = str  # "val" or "test"
 
@@ -27,6 +27,18 @@ class Task(Protocol):
 
     def evaluate(self, split: Split) -> dict[str, float]:
         """Metrics on ``split`` ("val" or "test"): at least ``"loss"`` and the workload's ``metric``."""
+
+
+class DataParallelTask(Task, Protocol):
+    """A task whose minibatch is spread over ``n`` simulated workers (the workloads with ``workers > 1``)."""
+
+    def worker_loss(self, step: int, n: int, i: int) -> torch.Tensor:
+        """Worker ``i``'s loss on its share of minibatch ``step`` spread over ``n`` workers, computed with
+        ``self.model`` (which may be a DDP wrapper on a real rank). The mean over ``i`` has the gradient of the
+        whole minibatch's loss (what DDP's all-reduce averages)."""
+
+    def worker_losses(self, step: int, n: int) -> list[torch.Tensor]:
+        """Every worker's loss (:meth:`worker_loss` for ``i`` in ``range(n)``), each with its own graph."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,12 @@ class Workload:
     # the workload this one modifies (another loss, a swapped layer): a variant pairs with it seed by seed in a
     # claim and is run by the suites that compare the two, not by the full suite
     variant_of: str | None = None
+    # data-parallel training simulated in one process (optimlab.distributed): the number of workers the minibatch
+    # is spread over, and how many of them are Byzantine with which attack (optimlab.distributed.attacks)
+    workers: int = 1
+    byzantine: int = 0
+    attack: str | None = None
+    attack_options: tuple[tuple[str, float], ...] = ()  # keyword arguments of the attack, e.g. (("scale", 10.0),)
 
     def reached(self, value: float) -> bool:
         return value >= self.target if self.higher_is_better else value <= self.target

@@ -86,10 +86,20 @@ class CharLMTask:
         logits = self.model(rows[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten())
 
-    def train_loss(self, step: int) -> torch.Tensor:
+    def _batch(self, step: int) -> torch.Tensor:
         train = self.ids["train"]
         starts = torch.randint(len(train) - CONTEXT, (BATCH,), generator=generator(self.seed, "batches", step))
-        return self._loss(windows(train, starts, CONTEXT + 1))
+        return windows(train, starts, CONTEXT + 1)
+
+    def train_loss(self, step: int) -> torch.Tensor:
+        return self._loss(self._batch(step))
+
+    def worker_loss(self, step: int, n: int, i: int) -> torch.Tensor:
+        """Share ``i`` of minibatch ``step``'s windows cut into ``n`` contiguous shares."""
+        return self._loss(self._batch(step).tensor_split(n)[i])
+
+    def worker_losses(self, step: int, n: int) -> list[torch.Tensor]:
+        return [self.worker_loss(step, n, i) for i in range(n)]
 
     def evaluate(self, split: str) -> dict[str, float]:
         if split not in self.eval_sets:

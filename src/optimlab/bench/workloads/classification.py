@@ -40,6 +40,14 @@ class ClassificationTask:
         idx = self.batches(step)
         return self.loss(self.model(self.x[idx]), self.y[idx])
 
+    def worker_loss(self, step: int, n: int, i: int) -> torch.Tensor:
+        """Share ``i`` of minibatch ``step`` cut into ``n`` contiguous shares (sizes differ by at most one)."""
+        part = self.batches(step).tensor_split(n)[i]
+        return self.loss(self.model(self.x[part]), self.y[part])
+
+    def worker_losses(self, step: int, n: int) -> list[torch.Tensor]:
+        return [self.worker_loss(step, n, i) for i in range(n)]
+
     def evaluate(self, split: str) -> dict[str, float]:
         if split not in self.splits:
             raise KeyError(f"unknown split {split!r}; expected one of {', '.join(self.splits)}")

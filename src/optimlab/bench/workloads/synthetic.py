@@ -41,11 +41,14 @@ QUADRATIC_DIM, QUADRATIC_CONDITION = 50, 1e3
 
 
 class Vector(nn.Module):
-    """A model that is one parameter vector."""
+    """A model that is one parameter vector (its output; calling it lets a DDP wrapper see the forward pass)."""
 
     def __init__(self, init: torch.Tensor) -> None:
         super().__init__()
         self.x = nn.Parameter(init.clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.x
 
 
 class FunctionTask:
