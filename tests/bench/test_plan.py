@@ -138,3 +138,15 @@ def test_per_workload_optimizer_lists() -> None:
     assert planned_count(aids) == sum(aids.trials(w) + aids.seeds for w, _ in aids.pairs())
     assert aids.with_options(optimizers=("adan",)).pairs() == [(w, "adan") for w in aids.workloads]
     assert "modadd-grokking-stablemax" not in SUITES["full"].workloads  # the full suite keeps its hour
+
+
+def test_distributed_methods_are_tuned_over_the_range_of_the_step_they_drive():
+    """A communication scheme or an aggregator feeds plain SGD: the tuner searches its registry range (SGD-sized
+    rates), not the broad default for unknown optimizers."""
+    import optimlab
+    from optimlab.bench.plan import grid
+    from optimlab.bench.runner import lr_range
+
+    for name in ("econtrol", "compressed_sgd", "flag", "mean"):
+        assert lr_range(name) == optimlab.get(name).lr_range != lr_range("torch:SGD")
+    assert grid("flag", 6)[-1] == optimlab.get("flag").lr_range[1]

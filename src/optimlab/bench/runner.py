@@ -113,7 +113,7 @@ def lr_range(spec: str) -> tuple[float, float]:
     wrapper is tuned over the range of the optimizer it wraps; a distributed method over the range of the step it
     drives), else a broad default."""
     name = parse_spec(spec).innermost.name
-    if name in optimlab.available("optimizer"):
+    if name in optimlab.REGISTRY and optimlab.get(name).lr_range is not None:
         return optimlab.get(name).lr_range
     return _TORCH_LR_RANGE
 
