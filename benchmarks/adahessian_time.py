@@ -22,6 +22,7 @@ iterations (state creation, kernel compilation) and then times single iterations
 
     python benchmarks/adahessian_time.py           # full run, results in benchmarks/results/
     python benchmarks/adahessian_time.py --quick   # smoke run (~15 s)
+    python benchmarks/adahessian_time.py --rounds 40 --out DIR   # a longer measurement of the same
 """
 
 from __future__ import annotations
@@ -316,8 +317,15 @@ def markdown(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__, "smoke run: 2 rounds of 5 iterations", argv)
-    rounds, warmup, steps = (2, 2, 5) if args.quick else (10, 3, 20)
+    args = parse_args(
+        __doc__,
+        "smoke run: 2 rounds of 5 iterations",
+        argv,
+        add=lambda ap: ap.add_argument(
+            "--rounds", type=int, default=10, help="rounds of the full-iteration measurement (default 10)"
+        ),
+    )
+    rounds, warmup, steps = (2, 2, 5) if args.quick else (args.rounds, 3, 20)
     bench = Run(args)
     bench.data["result"] = run(rounds, warmup, steps, contenders(), random.Random(args.seed))
     add_ratios(bench.data["result"])

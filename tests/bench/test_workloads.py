@@ -19,7 +19,7 @@ from optimlab.bench.workloads._common import EpochBatches, derive_seed
 QUICK = ["digits-logreg", "digits-mlp", "mnist1d-cnn", "rosenbrock", "quadratic"]
 SLOW = ["charlm", "modadd-grokking", "modadd-grokking-stablemax"]
 LAYER_VARIANTS = ["mnist1d-cnn-tract", "charlm-wtacrs"]  # a base workload with one of optimlab's layers swapped in
-DATA_PARALLEL = ["lsq-hetero", "mnist1d-cnn-4workers", "digits-mlp-byzantine"]  # spread over simulated workers
+DATA_PARALLEL = ["lsq-hetero", "mnist1d-cnn-4workers", "digits-mlp-byzantine", "charlm-4workers"]  # spread over simulated workers
 DETERMINISTIC = ["rosenbrock", "quadratic", "lsq-hetero"]  # no data, no noise: the seed changes nothing
 STOCHASTIC = [name for name in WORKLOADS if name not in DETERMINISTIC]
 
@@ -340,7 +340,7 @@ def test_the_stablemax_variant_is_the_same_task_with_the_stablemax_loss():
 def test_variants_name_their_base_and_stay_out_of_the_full_suite():
     from optimlab.bench.plan import SUITES
 
-    for name in LAYER_VARIANTS + ["modadd-grokking-stablemax", "mnist1d-cnn-4workers", "digits-mlp-byzantine"]:
+    for name in LAYER_VARIANTS + ["modadd-grokking-stablemax"] + DATA_PARALLEL[1:]:
         base = get_workload(name).variant_of
         assert base in WORKLOADS and get_workload(base).variant_of is None
         assert name not in SUITES["full"].workloads and base in SUITES["full"].workloads

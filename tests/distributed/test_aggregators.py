@@ -72,6 +72,22 @@ def test_krum_picks_an_honest_row_and_multi_krum_averages_the_best():
     torch.testing.assert_close(krum(rows, f, m=n - f), honest.mean(0))
 
 
+def test_krum_distances_survive_a_large_shared_component():
+    """Gradients that agree closely relative to their norm (large batches): squared distances from the Gram
+    matrix, |a|^2 + |b|^2 - 2 a.b, cancel to float32 noise (every score was 0 or 0.25 here, row 0 picked);
+    Krum's scores are those of the exact distances."""
+    gen = torch.Generator().manual_seed(0)
+    d = 10_000
+    noise = 1e-3 * torch.randn(6, d, generator=gen)
+    noise[2] *= 0.1  # row 2 is the centre of the cloud
+    rows = 10 * torch.randn(d, generator=gen) + noise
+    exact = brute_force_krum_scores(rows.double(), 1)
+    torch.testing.assert_close(krum_scores(rows, 1).double(), exact, rtol=1e-3, atol=0)
+    assert torch.equal(krum(rows, 1), rows[2])
+    half = krum_scores(rows[:, :64].bfloat16(), 1)  # half precision: distances in float32
+    assert half.dtype == torch.float32 and half.isfinite().all()
+
+
 def test_krum_ties_go_to_the_lowest_index():
     rows = torch.tensor([[0.0], [1.0], [1.0], [1.0], [1.0], [0.0]])
     assert krum_scores(rows, 1).tolist() == [2.0, 0.0, 0.0, 0.0, 0.0, 2.0]

@@ -327,3 +327,60 @@ def test_registry_entry() -> None:
     defaults = info.defaults
     assert defaults["lr"] == 1e-3 and defaults["betas"] == (0.9, 0.999) and defaults["eps"] == 1e-8
     assert defaults["weight_decay"] == 0.0 and defaults["compress_single_worker"] is False
+
+
+def test_low_precision_parameters_keep_their_errors_through_compression() -> None:
+    """bfloat16 parameters step in float32 copies made afresh at every step; the error buffers belong to the
+    parameters, not to the copies (keyed by the copies, the second compressed step raised 'parameters changed')."""
+    params = [torch.nn.Parameter(torch.randn(s, generator=_gen(8), dtype=torch.bfloat16)) for s in ((6, 5), (7,))]
+    opt = OneBitAdam(params, lr=0.01, freeze_step=2, workers=2)
+    gen = _gen(9)
+    for _ in range(6):
+        before = [p.detach().clone() for p in params]
+        opt.step(worker_grads=torch.randn(2, 37, generator=gen, dtype=torch.bfloat16))
+        assert all(p.dtype == torch.bfloat16 for p in params)
+    assert not any(torch.equal(p, b) for p, b in zip(params, before))
+    errors = opt._errors[2]
+    assert errors[0].dtype == torch.float32 and errors[0].abs().amax() > 0  # the errors compensate, in float32
+
+
+def _dead_entry_run(steps: int, groups: list[dict] | None = None) -> tuple[torch.Tensor, OneBitAdam]:
+    """Two simulated workers on a vector whose entry 0 never gets a gradient (a dead unit): 4 warm-up steps, then
+    compressed ones. Returns the vector and the optimizer."""
+    p = torch.nn.Parameter(torch.ones(16, dtype=F64))
+    opt = OneBitAdam([{"params": [p], **(groups or [{}])[0]}], lr=1e-3, freeze_step=4, workers=2)
+    gen = _gen(5)
+    for _ in range(steps):
+        g = torch.randn(2, 16, generator=gen, dtype=F64)
+        g[:, 0] = 0.0
+        opt.step(worker_grads=g)
+    return p, opt
+
+
+def test_entries_without_warm_up_gradients_blow_up_unless_masked() -> None:
+    """The scaled sign gives every entry a nonzero momentum, and an entry whose frozen variance is 0 then steps by
+    ~ lr * scale / eps (DeepSpeed's reason for exp_avg_mask). A mask with a 0 there keeps it where it was; at the
+    first compressed step the other entries move exactly as without the mask."""
+    p, opt = _dead_entry_run(5)
+    assert opt.state[p]["exp_avg_sq"][0] == 0 and abs(p[0].item() - 1) > 100  # lr 1e-3 / eps 1e-8 ~ 1e5 * scale
+    mask = torch.ones(16, dtype=F64)
+    mask[0] = 0
+    q, _ = _dead_entry_run(5, groups=[{"exp_avg_mask": mask}])
+    assert q[0].item() == 1.0 and (q[1:] != 1).all()
+    torch.testing.assert_close(q[1:], p[1:], rtol=0, atol=0)
+    q, _ = _dead_entry_run(9, groups=[{"exp_avg_mask": mask}])
+    assert q[0].item() == 1.0 and q.isfinite().all()
+
+
+def test_exp_avg_mask_is_checked_and_kept_across_a_checkpoint() -> None:
+    q = torch.nn.Parameter(torch.ones(8, dtype=F64))
+    opt = OneBitAdam([{"params": [q], "exp_avg_mask": torch.ones(3)}], lr=1e-3, freeze_step=2, workers=2)
+    with pytest.raises(ValueError, match="exp_avg_mask"):
+        for _ in range(3):
+            opt.step(worker_grads=torch.ones(2, 8, dtype=F64))
+    mask = torch.zeros(8, dtype=F64)
+    saved = OneBitAdam([{"params": [q], "exp_avg_mask": torch.ones(8, dtype=F64)}], lr=1e-3, freeze_step=2,
+                       workers=2).state_dict()
+    fresh = OneBitAdam([{"params": [q], "exp_avg_mask": mask}], lr=1e-3, freeze_step=2, workers=2)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["exp_avg_mask"] is mask  # the training script's mask, as in DeepSpeed

@@ -8,6 +8,7 @@ import hashlib
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from optimlab.distributed.comm import Communicator, allreduce_hook
 from optimlab.distributed.launch import spawn
@@ -49,6 +50,36 @@ def _train(rank: int, model: torch.nn.Module, opt: OneBitAdam) -> tuple[list[str
     return history, sent
 
 
+def _received(rank: int) -> list[int]:
+    """Bytes this rank receives from the collectives at each step of a plain run (the wire, not the counter:
+    DeepSpeed's server chunks travel by all-to-all, so a rank receives each worker's signs of its own chunk only)."""
+    log: list[int] = []
+    gather, to_all = dist.all_gather, dist.all_to_all_single
+
+    def all_gather(outputs, tensor, *args, **kwargs):
+        log.append(sum(o.numel() * o.element_size() for o in outputs))
+        return gather(outputs, tensor, *args, **kwargs)
+
+    def all_to_all_single(output, tensor, *args, **kwargs):
+        log.append(output.numel() * output.element_size())
+        return to_all(output, tensor, *args, **kwargs)
+
+    model = _model()
+    opt = OneBitAdam(model.parameters(), lr=LR, freeze_step=FREEZE)
+    received = []
+    dist.all_gather, dist.all_to_all_single = all_gather, all_to_all_single
+    try:
+        for step in range(STEPS):
+            opt.zero_grad()
+            _loss(model, _batch(rank, step)).backward()
+            log.clear()
+            opt.step()
+            received.append(sum(log))
+    finally:
+        dist.all_gather, dist.all_to_all_single = gather, to_all
+    return received
+
+
 def _ranks(rank: int, world_size: int) -> dict:
     plain = _model()
     plain_history, plain_sent = _train(rank, plain, OneBitAdam(plain.parameters(), lr=LR, freeze_step=FREEZE))
@@ -70,6 +101,7 @@ def _ranks(rank: int, world_size: int) -> dict:
         "baseline_sent": comm.bytes_sent,
         "world": opt.workers,
         "final": flat_params(plain),
+        "received": _received(rank),
     }
 
 
@@ -105,3 +137,9 @@ def test_real_ranks_agree_with_each_other_with_ddp_and_with_the_simulator() -> N
     assert first["plain_sent"] == second["plain_sent"] == sim_sent == expected
     assert first["ddp_sent"] == [4 * d] * FREEZE + [compressed] * (STEPS - FREEZE)  # DDP averages at step 1 too
     assert first["baseline_sent"] / compressed >= 16
+    # received per compressed step: every worker's signs of this rank's chunk and its scales, then every server's
+    # chunk and scales (an all-gather of the whole grid in the first phase would be n times the signs)
+    scales = len(layout.numels) * 4
+    per_step = WORLD * (layout.columns // 8 + scales) + WORLD * (layout.columns // 8 + scales)
+    for r in ranks:
+        assert r["received"][FREEZE:] == [per_step] * (STEPS - FREEZE)

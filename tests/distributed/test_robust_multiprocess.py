@@ -103,6 +103,17 @@ def _robust_ranks(rank: int, world_size: int) -> dict:
             "grads_identical": bool((_gather(grads) == grads).all()),
             "mean_is_allreduce": name != "mean" or torch.allclose(result, rows.mean(0)),
         }
+    # robust_hook itself registered on DDP (the recorder above wraps it, so DDP never checks its annotations: with
+    # "from __future__ import annotations" in its module, register_comm_hook rejected them as strings)
+    model = DDP(_model(), bucket_cap_mb=100)
+    model.register_comm_hook(RobustHookState(Communicator(), Mean()), robust_hook)
+    nn.functional.mse_loss(model(x), y).backward()
+    local = _model()
+    nn.functional.mse_loss(local(x), y).backward()
+    out["direct"] = {
+        "ddp": torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+        "mean": _gather(torch.cat([p.grad.reshape(-1) for p in local.parameters()])).mean(0),
+    }
     # 2. a Byzantine rank: what it sends is the attack's row, and the aggregate is computed from what was sent
     flip = functools.partial(sign_flip, scale=10.0)
     comm = Communicator()
@@ -133,6 +144,7 @@ def test_robust_hook_on_real_ranks():
             assert r["grads_identical"], name
             assert r["mean_is_allreduce"]
             assert r["bytes"] == 4 * r["numel"]  # one all-gather of the float32 bucket, as DDP's all-reduce
+        torch.testing.assert_close(res["direct"]["ddp"], res["direct"]["mean"], rtol=1e-6, atol=1e-7)
         byz = res["byzantine_hook"]
         assert byz["equal_to_attacked_aggregate"]
         assert byz["bytes"] == 2 * 4 * byz["numel"]  # with an attack: the omniscient round, then what is sent

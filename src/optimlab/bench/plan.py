@@ -125,17 +125,19 @@ SUITES: dict[str, Suite] = {
     ),
     # training across workers (issue 8), in the single-process simulator: error feedback on heterogeneous least
     # squares (Top-K 10 %, plain SGD steps; uncompressed SGD as the reference), robust aggregation under a
-    # sign-flip attack, and 1-bit Adam against Adam on the CNN spread over 4 workers
+    # sign-flip attack, and 1-bit Adam against Adam on the CNN and the char-LM transformer spread over 4 workers
     "distributed": Suite(
         "distributed",
-        workloads=("lsq-hetero", "digits-mlp-byzantine", "mnist1d-cnn-4workers"),
+        workloads=("lsq-hetero", "digits-mlp-byzantine", "mnist1d-cnn-4workers", "charlm-4workers"),
         optimizers=("torch:SGD",),
         tuning_trials=6,
         seeds=3,
+        tuning_trials_for={"charlm-4workers": 5},  # ~1 min a trial: 5 learning rates, as the other charlm suites
         optimizers_for={
             "lsq-hetero": ("econtrol[eta=0.1]", "ef21", "ef14", "compressed_sgd", "torch:SGD"),
             "digits-mlp-byzantine": ("flag", "mean", "coordinate_median", "trimmed_mean[f=3]", "krum[f=3]"),
             "mnist1d-cnn-4workers": ("onebit_adam", "torch:Adam"),
+            "charlm-4workers": ("onebit_adam", "torch:Adam"),
         },
     ),
 }

@@ -96,16 +96,17 @@ class Communicator:
     def all_to_all_chunks(self, tensor: Tensor) -> Tensor:
         """Chunk ``j`` of every rank's ``tensor``, for this rank ``j``: a ``(world_size, chunk)`` tensor.
 
-        ``tensor`` is split into ``world_size`` equal chunks along its flattened length (which must divide).
-        Gloo has no ``all_to_all``, so this is an all-gather of the whole tensor followed by a local slice;
-        the counted bytes are those of the all-gather.
+        ``tensor`` is split into ``world_size`` equal chunks along its flattened length (which must divide);
+        one ``all_to_all_single`` (gloo and NCCL both have it) sends chunk ``j`` to rank ``j`` only, so a rank
+        receives one chunk from every rank. The counted bytes are the whole ``tensor`` this rank hands over.
         """
-        flat = tensor.reshape(-1)
+        flat = tensor.reshape(-1).contiguous()
         if flat.numel() % self.world_size:
             raise ValueError(f"tensor of {flat.numel()} elements does not split into {self.world_size} chunks")
-        chunk = flat.numel() // self.world_size
-        gathered = self.all_gather(flat)
-        return gathered[:, self.rank * chunk : (self.rank + 1) * chunk]
+        output = torch.empty_like(flat)
+        self._count(flat)
+        dist.all_to_all_single(output, flat, group=self.group)
+        return output.view(self.world_size, -1)
 
 
 def allreduce_hook(comm: Communicator, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:

@@ -38,10 +38,10 @@ packs into whole bytes. With the scaled sign :math:`C(x) = \frac{\lVert x\rVert}
     \varepsilon_j \leftarrow y_j - C(y_j),
 
 (:math:`s_i` the scale of :math:`C(x_i)`), and every worker receives :math:`C(y_j)` for every chunk :math:`j`
-and crops the padding. On the wire: each worker's signs bit-packed (8 per byte) with one scale per tensor, all
-gathered (gloo has no all-to-all; what a rank hands over is its :math:`d_p/8` bytes either way), then each
-server's chunk of :math:`d_p/(8n)` bytes and its scales. All tensors of all param groups go in one message,
-with their own scales, so a step issues two collectives. Per rank and step that is about
+and crops the padding. On the wire: each worker's signs bit-packed (8 per byte), sent by an all-to-all (row
+:math:`j` of the grid to server :math:`j` only, as DeepSpeed's ``all_to_all_single``) beside an all-gather of
+its one scale per tensor, then each server's chunk of :math:`d_p/(8n)` bytes and its scales all-gathered. All tensors of all param groups go in one message, with their own scales, so a
+step issues three collectives. Per rank and step that is about
 :math:`\tfrac{d}{8}(1 + \tfrac1n)` bytes against the :math:`4d` of DDP's float32 all-reduce: 21× fewer for two
 workers, 32× for many.
 
@@ -57,8 +57,16 @@ the warm-up length:
   not both; with neither, ``freeze_step`` is DeepSpeed's 100000, with a warning.
 * ``compress_single_worker`` (default False): with one worker DeepSpeed skips the compression; True compresses
   anyway (the error-compensated 1-bit momentum of a single worker).
+* ``exp_avg_mask`` (a param-group key, DeepSpeed's): a tensor of the group's parameter's shape multiplied into
+  the momentum after every compressed all-reduce, for entries that never get a gradient (DeepSpeed's example:
+  BERT's position embeddings beyond the training sequence length). The 1-bit scaled sign gives every entry a
+  nonzero value, and an entry whose frozen variance is 0 (or tiny) then takes a step of about
+  :math:`\alpha\,s/(\sqrt v + \epsilon)`: without the mask such entries blow up at the first compressed step.
+  The same happens to units that stopped getting gradients early in the warm-up (dead ReLU units: measured on
+  the bench's 1-D CNN, entries with frozen v of 1e-17 to 1e-11 stepped by 3 to 175 at the first compressed step).
+  As in DeepSpeed, the mask is the one the user gives, kept when a checkpoint is loaded.
 
-AMSGrad, DeepSpeed's per-group ``exp_avg_mask`` and ``non_freeze`` groups are not supported.
+AMSGrad and DeepSpeed's ``non_freeze`` groups are not supported.
 
 **Running it.** Real training (``torch.distributed``, gloo or NCCL): every rank builds the optimizer on its
 replica. The collectives go through :class:`~optimlab.distributed.comm.Communicator` (``comm``; by default one
@@ -251,7 +259,7 @@ def _scales(raw: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def message_bytes(layout: Layout, itemsize: int) -> tuple[int, int]:
-    """Bytes one rank hands to the two all-gathers of a compressed step: ``(worker message, server message)``
+    """Bytes one rank hands to the collectives of a compressed step: ``(worker message, server message)``
     (signs ``n C / 8`` and ``C / 8`` bytes, ``T`` scales of ``itemsize`` bytes each)."""
     scales = layout.tensors * itemsize
     return layout.n * layout.columns // 8 + scales, layout.columns // 8 + scales
@@ -265,12 +273,10 @@ def compressed_allreduce(
     chunk row); both are updated in place."""
     x = to_grid(momenta, layout)
     positive, scale = scaled_sign_(x, worker_error, layout)
-    gathered = comm.all_gather(_message(positive, scale))  # (n, n C/8 + scales): gloo has no all-to-all
+    # DeepSpeed's first phase: row j of the packed signs to server j (all-to-all), the scales to everyone
+    mine = comm.all_to_all_chunks(pack_signs(positive))  # (n, C/8): every worker's signs of this rank's chunk
+    y = server_average(unpack_signs(mine, layout.columns, torch.bool), comm.all_gather(scale), layout)
     row = layout.columns // 8
-    mine = gathered[:, comm.rank * row : (comm.rank + 1) * row]
-    y = server_average(
-        unpack_signs(mine, layout.columns, torch.bool), _scales(gathered[:, layout.n * row :], x.dtype), layout
-    )
     positive, scale = scaled_sign_(y, server_error, layout)
     gathered = comm.all_gather(_message(positive, scale))  # (n, C/8 + scales)
     signs = unpack_signs(gathered[:, :row], layout.columns, torch.bool).unsqueeze(-2)
@@ -490,7 +496,7 @@ class OneBitAdam(OptimlabOptimizer):
         if self._step <= self.freeze_step:
             self._warmup(groups, work, grads, states)
         else:
-            self._compressed(groups, work, grads, states)
+            self._compressed(groups, work, grads, states, params)
         for p, w in zip(params, work):
             if w is not p:
                 p.copy_(w)
@@ -539,16 +545,19 @@ class OneBitAdam(OptimlabOptimizer):
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             _update_(p, m, v, lr=as_float(group["lr"]), eps=group["eps"], weight_decay=group["weight_decay"])
 
-    def _compressed(self, groups, params, grads, states) -> None:
+    def _compressed(self, groups, params, grads, states, originals) -> None:
+        # params: the tensors updated (float32 copies of low-precision parameters, new at every step); originals:
+        # the parameters themselves, which name the error buffers
         momenta = [_local_momentum(s["exp_avg"], g, grp["betas"][0]) for grp, g, s in zip(groups, grads, states)]
         exchange = self._exchange
         if exchange.workers > 1 or self.compress_single_worker:
-            layout, errors = self._error_buffers(momenta, params)
+            layout, errors = self._error_buffers(momenta, originals)
             momenta = exchange.compressed(momenta, errors, layout)
         elif exchange.simulated:
             momenta = [m[0] for m in momenta]
         for group, p, m, state in zip(groups, params, momenta, states):
             state["exp_avg"].copy_(m.view_as(p))
+            _mask_momentum_(state, group.get("exp_avg_mask"))
             _update_(
                 p,
                 state["exp_avg"],
@@ -581,11 +590,30 @@ class OneBitAdam(OptimlabOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load ``m``, ``v``, the step count and the hyperparameters; the errors restart from zero (DeepSpeed's
-        choice), so a checkpoint loads at any world size."""
+        choice), so a checkpoint loads at any world size. The ``exp_avg_mask`` of each group stays the one given
+        to this optimizer (as DeepSpeed keeps the training script's, which may differ between stages)."""
         step = state_dict.get("optimlab", {}).get("step", 0)
+        masks = [group.get("exp_avg_mask") for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, mask in zip(self.param_groups, masks):
+            group.pop("exp_avg_mask", None)
+            if mask is not None:
+                group["exp_avg_mask"] = mask
         self._step = step
         self._errors = None
+
+
+def _mask_momentum_(state: dict[str, Tensor], mask: Tensor | None) -> None:
+    """DeepSpeed's ``exp_avg_mask`` on the momentum after the compressed all-reduce."""
+    if mask is None:
+        return
+    m = state["exp_avg"]
+    if mask.numel() != m.numel():
+        raise ValueError(
+            f"Invalid exp_avg_mask: {mask.numel()} elements for a parameter of shape {tuple(m.shape)}; a masked "
+            "param group holds one parameter and a mask of its shape (as in DeepSpeed)"
+        )
+    m.mul_(mask.to(device=m.device, dtype=m.dtype).view_as(m))
 
 
 # -- DDP integration --------------------------------------------------------------------------------------------------

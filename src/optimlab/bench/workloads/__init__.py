@@ -5,7 +5,7 @@ or is generated locally (MNIST-1D's is cached on disk after the first build)."""
 from __future__ import annotations
 
 from optimlab.bench.workloads.base import DataParallelTask, Split, Task, Workload
-from optimlab.bench.workloads.charlm import CHARLM, CHARLM_WTACRS
+from optimlab.bench.workloads.charlm import CHARLM, CHARLM_4WORKERS, CHARLM_WTACRS
 from optimlab.bench.workloads.digits import DIGITS_LOGREG, DIGITS_MLP
 from optimlab.bench.workloads.distributed import DIGITS_MLP_BYZANTINE, LSQ_HETERO, MNIST1D_CNN_4WORKERS
 from optimlab.bench.workloads.mnist1d_cnn import MNIST1D_CNN, MNIST1D_CNN_TRACT
@@ -30,6 +30,7 @@ WORKLOADS: dict[str, Workload] = {
         LSQ_HETERO,
         MNIST1D_CNN_4WORKERS,
         DIGITS_MLP_BYZANTINE,
+        CHARLM_4WORKERS,
     )
 }
 

@@ -130,3 +130,13 @@ CHARLM_WTACRS = replace(
     build=partial(CharLMTask, wtacrs=True),
     variant_of="charlm",
 )
+
+# the minibatch spread over 4 simulated workers (8 windows each): the transformer, GeLU and LayerNorm model 1-bit
+# Adam was made for (BERT), in the distributed suite
+CHARLM_4WORKERS = replace(
+    CHARLM,
+    name="charlm-4workers",
+    description=CHARLM.description + ", spread over 4 simulated workers",
+    variant_of="charlm",
+    workers=4,
+)
