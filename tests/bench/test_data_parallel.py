@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import signal
+import threading
+import time
+import uuid
 
 import pytest
 import torch
@@ -75,14 +81,35 @@ def test_a_torchrun_trial_equals_the_simulated_one(spec, lr):
     assert real.status in ("ok", "diverged"), real.error
     assert real.workload == "mnist1d-cnn-4workers" and real.env["launcher"] == "torchrun"
     simulated = run_trial(short("mnist1d-cnn-4workers", **overrides), spec, {"lr": lr}, 1, phase="tune")
+    assert_same_trial(real, simulated)
+
+
+def assert_same_trial(real, simulated) -> None:
+    """The same bytes per worker and the same curves: validation and the logged training loss (the workers'
+    mean, as the simulator logs it, not rank 0's share)."""
     assert real.curve["bytes_per_worker"] == simulated.curve["bytes_per_worker"]
-    torch.testing.assert_close(
-        torch.tensor(real.curve["val_loss"]),
-        torch.tensor(simulated.curve["val_loss"]),
-        rtol=1e-4,
-        atol=1e-5,
-        equal_nan=True,
-    )
+    for column in ("val_loss", "train_loss"):
+        torch.testing.assert_close(
+            torch.tensor(real.curve[column]),
+            torch.tensor(simulated.curve[column]),
+            rtol=1e-4,
+            atol=1e-5,
+            equal_nan=True,
+        )
+
+
+@pytest.mark.timeout(300)
+def test_a_torchrun_trial_with_a_byzantine_rank_equals_the_simulated_one():
+    """The last rank sends the workload's attack on real ranks as the last simulated worker does; what a worker
+    sends is its one gradient (the adversary's view of the honest gradients is part of the simulated attack, not of
+    the method's communication)."""
+    overrides = {"workers": 3, "byzantine": 1, "max_steps": 20, "eval_every": 10}
+    real = run_trial_torchrun("digits-mlp-byzantine", "flag", {"lr": 0.3}, 1, phase="tune", overrides=overrides)
+    assert real.status == "ok", real.error
+    simulated = run_trial(short("digits-mlp-byzantine", **overrides), "flag", {"lr": 0.3}, 1, phase="tune")
+    task = get_workload("digits-mlp-byzantine").build(1)
+    assert simulated.curve["bytes_per_worker"][-1] == allreduce_bytes(list(task.model.parameters()))
+    assert_same_trial(real, simulated)
 
 
 def test_a_failed_torchrun_trial_is_an_error_record():
@@ -90,3 +117,73 @@ def test_a_failed_torchrun_trial_is_an_error_record():
         "lsq-hetero", "econtrol[eta=0.1]", {"lr": 0.1}, 1, phase="tune", overrides={"workers": 2, "max_steps": 3}
     )
     assert record.status == "error" and "10 workers" in record.error  # lsq-hetero's data are split 10 ways
+
+
+def _our_processes(marker: str) -> dict[int, str]:
+    """pid -> command line of the processes whose environment holds ``marker`` (ours: the test sets it)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker.encode() not in f.read():
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone, or not ours
+            continue
+    return found
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
+def test_a_hung_torchrun_trial_is_an_error_record_and_leaves_no_ranks(monkeypatch):
+    """A trial that outlives the launch's timeout: an error record that says so, and no rank left running (torchrun
+    starts its ranks in sessions of their own, so killing torchrun alone would orphan them)."""
+    marker = f"OPTIMLAB_TEST_RUN={uuid.uuid4().hex}"
+    name, value = marker.split("=")
+    monkeypatch.setenv(name, value)
+    ranks_seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            ranks_seen.update(
+                pid
+                for pid, cmd in _our_processes(marker).items()
+                if "-m optimlab.bench.torchrun" in cmd and "torch.distributed.run" not in cmd  # a rank, not torchrun
+            )
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    overrides = {"workers": 2, "max_steps": 10**7, "eval_every": 10**6, "max_seconds": 10**4}
+    try:
+        record = run_trial_torchrun(
+            "mnist1d-cnn-4workers", "torch:SGD", {"lr": 0.1}, 1, phase="tune", overrides=overrides, timeout=25
+        )
+        done.set()
+        watcher.join()
+        assert record.status == "error" and "timed out after 25 s" in record.error, record.error
+        assert len(ranks_seen) == 2  # the ranks were training when the launch timed out
+        deadline = time.monotonic() + 10
+        while _our_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _our_processes(marker)
+    finally:
+        done.set()
+        for pid in _our_processes(marker):  # what this test started and the launcher left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+def test_a_refined_torchrun_trial_gets_its_schedule_source():
+    """A refined spec on real ranks computes its schedule from the linear-decay trial handed over by the launcher."""
+    overrides = {"workers": 2, "max_steps": 12, "eval_every": 6}
+    workload = short("mnist1d-cnn-4workers", **overrides)
+    linear = run_trial(workload, "torch:Adam@linear", {"lr": 1e-3}, 0, phase="tune")
+    refined = run_trial_torchrun("mnist1d-cnn-4workers", "torch:Adam@refined", {"lr": 1e-3}, 0, phase="tune",
+                                 overrides=overrides, schedule_source=linear)
+    assert refined.status == "ok", refined.error

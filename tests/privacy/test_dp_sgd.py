@@ -305,3 +305,66 @@ def test_train_private_end_to_end(cls) -> None:
         train_private(model, F.cross_entropy, TensorDataset(x, y), cls(model.parameters()), sample_rate=q)
     with pytest.raises(ValueError, match="Invalid delta"):
         train_private(model, F.cross_entropy, TensorDataset(x, y), opt, sample_rate=q, delta=1.0)
+
+
+@pytest.mark.parametrize("cls", [DPSGD, DiceSGD])
+def test_a_checkpoint_from_before_the_first_step_keeps_its_seed(cls) -> None:
+    """The noise generator is created at the first step: a checkpoint taken before it carries the seed only in its
+    param groups, and that seed (not the resumed constructor's) must seed the noise."""
+    params = make_params()
+    opt = cls(params, noise_multiplier=1.0, expected_batch_size=5.0, seed=11)
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = cls(resumed_params, noise_multiplier=1.0, expected_batch_size=5.0, seed=99)
+    resumed.load_state_dict(opt.state_dict())
+    grads = random_grads(5, seed=0)
+    opt.step(grads), resumed.step(grads)
+    assert all(torch.equal(p, q) for p, q in zip(params, resumed_params))
+
+
+def _private_run(cls, dataset, epochs_per_call, **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    opt = cls(model.parameters(), lr=0.5, max_grad_norm=1.0, noise_multiplier=0.5, expected_batch_size=8.0, seed=3)
+    result = None
+    for epochs in epochs_per_call:
+        more = {} if result is None else {"accountant": result.accountant, "sampler_state": result.sampler_state}
+        result = train_private(model, F.cross_entropy, dataset, opt, sample_rate=0.1, epochs=epochs, **more, **kwargs)
+    return [p.detach().clone() for p in model.parameters()], result
+
+
+@pytest.mark.parametrize("cls", [DPSGD, DiceSGD])
+def test_train_private_continues_a_run_with_fresh_batches(cls) -> None:
+    """Continuing a run (its accountant and sampler state) is the uninterrupted run: the Poisson batches go on
+    from where they stopped. Drawing the first epoch's batches again would break the accountant's assumption
+    that every step samples afresh."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 5, generator=gen, dtype=torch.float64)
+    dataset = TensorDataset(x, (x[:, 0] > 0).long())
+    whole, whole_result = _private_run(cls, dataset, [2])
+    parts, parts_result = _private_run(cls, dataset, [1, 1])
+    assert parts_result.steps == whole_result.steps == 20
+    assert parts_result.epsilon == whole_result.epsilon
+    assert all(torch.equal(a, b) for a, b in zip(whole, parts))
+    torch.testing.assert_close(whole_result.losses[10:], parts_result.losses, rtol=0, atol=0)
+
+    model = torch.nn.Linear(5, 2).double()
+    opt = cls(model.parameters(), expected_batch_size=8.0)
+    first = train_private(model, F.cross_entropy, dataset, opt, sample_rate=0.1)
+    with pytest.raises(ValueError, match="sampler_state"):
+        train_private(model, F.cross_entropy, dataset, opt, sample_rate=0.1, accountant=first.accountant)
+
+
+def test_train_private_reports_epsilon_at_the_delta_asked_for() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 5, generator=gen, dtype=torch.float64)
+    dataset = TensorDataset(x, (x[:, 0] > 0).long())
+    model = torch.nn.Linear(5, 2).double()
+    opt = DPSGD(model.parameters(), noise_multiplier=1.0, expected_batch_size=8.0)
+    first = train_private(model, F.cross_entropy, dataset, opt, sample_rate=0.1)
+    assert first.delta == 1 / 80
+    more = train_private(
+        model, F.cross_entropy, dataset, opt, sample_rate=0.1, delta=1e-6,
+        accountant=first.accountant, sampler_state=first.sampler_state,
+    )  # fmt: skip
+    assert more.delta == 1e-6
+    assert more.epsilon == pytest.approx(epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=20, delta=1e-6))

@@ -117,10 +117,12 @@ class OptimlabOptimizer(torch.optim.Optimizer):
 
     # -- randomness -------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
-        """The optimizer's own generator (created on first use, seeded from ``defaults['seed']``)."""
+        """The optimizer's own generator (created on first use, seeded from the param groups' ``seed``, which a
+        loaded checkpoint sets, else ``defaults['seed']``)."""
         if self._generator is None:
+            seed = self.param_groups[0].get("seed", self.defaults.get("seed", 0)) if self.param_groups else 0
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(int(self.defaults.get("seed", 0)))
+            self._generator.manual_seed(int(seed))
         return self._generator
 
     # -- the step ---------------------------------------------------------------------------------------

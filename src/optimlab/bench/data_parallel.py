@@ -118,6 +118,10 @@ class DataParallelStep:
     def bench_metrics(self) -> dict[str, float]:
         return {"bytes_per_worker": float(self._bytes())}
 
+    def elapsed(self, seconds: float) -> float:
+        """The trial's seconds so far, as the wall-clock budget is to be checked against (one process: its own)."""
+        return seconds
+
 
 class DDPStep:
     """The same step on real ranks (``optimlab bench --torchrun``): this rank's share of the minibatch through a
@@ -127,7 +131,8 @@ class DDPStep:
     backward). Communication schemes register their error-feedback hook; aggregators the robust hook, with the
     workload's last ``byzantine`` ranks sending its attack; 1-bit Adam its own hook; any other optimizer DDP's
     average through :func:`optimlab.distributed.comm.allreduce_hook`. ``bytes_per_worker`` is what this rank handed
-    to ``torch.distributed`` in the last step.
+    to ``torch.distributed`` in the last step for the method (not the adversary's view of the honest gradients that
+    simulating a Byzantine attack needs); the returned loss is the workers' mean, as in the simulator.
     """
 
     def __init__(
@@ -189,13 +194,28 @@ class DDPStep:
         self._last_bytes = 0
 
     def __call__(self, task: DataParallelTask, step: int) -> torch.Tensor:
+        """Take training step ``step`` (this rank's share); return the workers' mean loss, as the simulator does."""
+        import torch.distributed as dist
+
         before = self._comm.bytes_sent
         self.optimizer.zero_grad(set_to_none=True)
         loss = task.worker_loss(step, self.n_workers, self.rank)
         loss.backward()
         self.optimizer.step()
         self._last_bytes = self._comm.bytes_sent - before
-        return loss.detach()
+        # the logged training loss (not the method's communication: not counted)
+        mean_loss = loss.detach() / self.n_workers
+        dist.all_reduce(mean_loss)
+        return mean_loss
 
     def bench_metrics(self) -> dict[str, float]:
         return {"bytes_per_worker": float(self._last_bytes)}
+
+    def elapsed(self, seconds: float) -> float:
+        """The slowest rank's seconds so far: every rank must stop at the same step on the wall-clock budget (a rank
+        that stops alone makes the others' next collective fail), so they check the budget against one number."""
+        import torch.distributed as dist
+
+        slowest = torch.tensor(seconds, dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return float(slowest)

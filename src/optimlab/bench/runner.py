@@ -297,6 +297,8 @@ def _train(
             grad_evals += 1
         schedule.step()
         seconds += time.perf_counter() - start
+        if data_parallel is not None:  # on real ranks: the slowest rank's, so that all stop at the same step
+            seconds = data_parallel.elapsed(seconds)
         pair = None
         if norms is not None:
             norms[step] = pair = _grad_norm_pair(params)

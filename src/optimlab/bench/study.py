@@ -79,8 +79,10 @@ def run_worker(
                 n = trial_threads(workload, threads, jobs)
                 torch.set_num_threads(n)
                 if torchrun and workload.workers > 1:
-                    record = run_trial_torchrun(workload, spec.optimizer, spec.hparams, spec.seed, phase=spec.phase,
-                                                env=env)
+                    record = run_trial_torchrun(
+                        workload, spec.optimizer, spec.hparams, spec.seed, phase=spec.phase, env=env,
+                        schedule_source=done.get(source_key(spec) or ""),
+                    )
                 else:
                     record = run_trial(
                         workload, spec.optimizer, spec.hparams, spec.seed, phase=spec.phase,

@@ -1,13 +1,13 @@
 """Data-parallel trials on real processes: ``optimlab bench --torchrun``.
 
 With ``--torchrun``, every trial on a workload with ``workers > 1`` runs as ``workers`` processes launched by
-``torchrun`` (``python -m torch.distributed.run --standalone``) in a gloo group (NCCL on GPUs: the same code):
+``torchrun`` (``python -m torch.distributed.run --standalone``) in a gloo group (the workloads' models are on the CPU):
 each rank trains its share of every minibatch through DDP with the method's communication hook
 (:class:`optimlab.bench.data_parallel.DDPStep`), so the bytes in the record are what the ranks handed to
 ``torch.distributed``. All ranks evaluate their (identical) replicas; rank 0 writes the record, atomically, to a
 file the launcher reads. A trial that fails or hangs (the group's timeout is seconds, the launch's a multiple of
 the workload's wall-clock budget) becomes an ``error`` record with the tail of the ranks' output, like any other
-failed trial.
+failed trial; a launch past its timeout has its ranks stopped, not orphaned.
 
 Rank entry point (what the launcher runs): ``python -m optimlab.bench.torchrun REQUEST.json RECORD.json``.
 """
@@ -50,11 +50,16 @@ def run_trial_torchrun(
     env: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
     threads: int = 1,
+    timeout: float | None = None,
+    schedule_source: TrialRecord | None = None,
 ) -> TrialRecord:
     """Run one data-parallel trial on ``workload.workers`` real processes and return rank 0's record.
 
-    ``workload`` is a registered workload (or its name); ``overrides`` change the fields in :data:`OVERRIDABLE`
-    (the record names the workload as registered). Each rank uses ``threads`` intra-op threads.
+        ``workload`` is a registered workload (or its name); ``overrides`` change the fields in :data:`OVERRIDABLE`
+        (the record names the workload as registered). Each rank uses ``threads`` intra-op threads; ``schedule_source``
+    is the linear-decay trial a ``refined`` spec's schedule is computed from, as for :func:`run_trial`. ``timeout``
+        (seconds; default a multiple of the workload's wall-clock budget) bounds the launch: past it the ranks are
+        stopped and the trial is an ``error`` record.
     """
     name = workload if isinstance(workload, str) else workload.name
     resolved = _workload(name, overrides or {})
@@ -66,6 +71,7 @@ def run_trial_torchrun(
         "seed": seed,
         "phase": phase,
         "env": {**(env or {}), "launcher": "torchrun", "threads": threads},
+        "schedule_source": None if schedule_source is None else json.loads(schedule_source.to_json()),
     }
     with tempfile.TemporaryDirectory(prefix="optimlab-torchrun-") as tmp:
         request_path, record_path = Path(tmp, "request.json"), Path(tmp, "record.json")
@@ -82,18 +88,9 @@ def run_trial_torchrun(
             str(record_path),
         ]
         environ = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        try:
-            done = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                env=environ,
-                timeout=60 + 3 * resolved.max_seconds + 10 * resolved.workers,
-            )
-            output = (done.stdout + done.stderr).strip()
-            failed = done.returncode != 0
-        except subprocess.TimeoutExpired as err:
-            output, failed = f"torchrun timed out after {err.timeout:.0f} s", True
+        if timeout is None:
+            timeout = 60 + 3 * resolved.max_seconds + 10 * resolved.workers
+        output, why = _launch(command, environ, timeout)
         if record_path.is_file():
             return TrialRecord.from_dict(json.loads(record_path.read_text(encoding="utf-8")))
     record = TrialRecord(
@@ -109,8 +106,29 @@ def run_trial_torchrun(
         env=request["env"],
     )
     tail = "\n".join(output.splitlines()[-30:])
-    record.error = f"torchrun trial failed (exit status {'timeout' if not failed else 'nonzero'}):\n{tail}"
+    record.error = f"torchrun trial failed ({why}):\n{tail}"
     return record
+
+
+def _launch(command: list[str], environ: dict[str, str], timeout: float) -> tuple[str, str]:
+    """Run torchrun to completion or ``timeout``; return its output and how it ended (for an error record).
+
+    On timeout torchrun gets SIGTERM, on which its agent stops the ranks (SIGTERM, then SIGKILL after its own
+    30 s grace) before exiting: the ranks run in sessions of their own, so killing torchrun outright would leave
+    them running. SIGKILL follows only if the agent itself does not exit."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ) as process:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+            why = f"exit status {process.returncode}, no record written"
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                output, _ = process.communicate(timeout=45)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                output, _ = process.communicate()
+            why = f"timed out after {timeout:.0f} s"
+    return output.strip(), why
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             request["seed"],
             phase=request["phase"],
             env=request["env"],
+            schedule_source=None
+            if request["schedule_source"] is None
+            else TrialRecord.from_dict(request["schedule_source"]),
             ranks=True,
         )
         record.workload = request["workload"]

@@ -28,7 +28,8 @@ matrix, so every rank computes the same direction from the same rows. Chosen ran
 gradients. Attacks such as "a little is enough" need the honest gradients of all workers (the omniscient
 adversary of the robust-aggregation literature), so with an attack the hook first all-gathers the honest buckets,
 the Byzantine ranks compute their rows from them, and a second all-gather carries what every rank really sends;
-the aggregate is computed only from the second. Without an attack there is one all-gather.
+the aggregate is computed only from the second, and only the second counts in ``bytes_sent`` (the first simulates
+the adversary, it is not the method's traffic). Without an attack there is one all-gather.
 
 DDP aggregates *per bucket*: for coordinate-wise rules (mean, median, trimmed mean) that equals aggregating the
 whole gradient, but for rules that look at whole rows (Krum's distances, Flag's subspace and its norm scale) each
@@ -352,7 +353,8 @@ def robust_hook(state: RobustHookState, bucket: dist.GradBucket) -> torch.future
     """
     comm, row = state.comm, bucket.buffer()
     if state.byzantine:
-        honest = comm.all_gather(row)  # the omniscient adversary's view
+        # the omniscient adversary's view: part of simulating the attack, not the method's traffic (not counted)
+        honest = comm.all_gather(row, counted=False)
         if comm.rank in state.byzantine:
             row = state.attack(honest, state.byzantine, generator=state.generator)[comm.rank].to(row.dtype)
     result = state.aggregator(comm.all_gather(row)).to(row.dtype)

@@ -73,10 +73,13 @@ class Communicator:
         self._count(tensor)
         return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
 
-    def all_gather(self, tensor: Tensor) -> Tensor:
-        """Every rank's ``tensor``, stacked along a new first dimension (rank order)."""
+    def all_gather(self, tensor: Tensor, *, counted: bool = True) -> Tensor:
+        """Every rank's ``tensor``, stacked along a new first dimension (rank order). ``counted=False`` leaves the
+        bytes out of :attr:`bytes_sent`: for traffic that simulates something other than the method (an
+        attacker's view of the honest gradients)."""
         output = tensor.new_empty((self.world_size, *tensor.shape))
-        self._count(tensor)
+        if counted:
+            self._count(tensor)
         # the list form (rows of one output tensor) works on every backend; the single-tensor form's shape
         # rules differ between gloo and nccl
         dist.all_gather(list(output.unbind(0)), tensor.contiguous(), group=self.group)

@@ -153,6 +153,13 @@ class PrivateOptimizer(OptimlabOptimizer):
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {}
 
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The noise generator, seeded on first use from the param groups' ``seed`` (a loaded checkpoint's, as for
+        every shared hyperparameter), not the constructor's."""
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(int(self._shared()["seed"]))
+        return self._generator
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``p.grad`` as torch's ``zero_grad``, and ``p.grad_sample`` (Opacus's per-sample gradients) removed."""
         super().zero_grad(set_to_none=set_to_none)
@@ -329,6 +336,8 @@ class PrivateTrainingResult:
     losses: Tensor
     note: str = ""
     accountant: Any = field(default=None, repr=False)
+    # the Poisson sampler's state at the end, to continue the run (train_private(..., sampler_state=...))
+    sampler_state: dict[str, Any] | None = field(default=None, repr=False)
 
 
 def train_private(
@@ -343,14 +352,18 @@ def train_private(
     seed: int = 0,
     chunk_size: int | None = None,
     accountant: Any = None,
+    sampler_state: dict[str, Any] | None = None,
 ) -> PrivateTrainingResult:
     """Train ``model`` privately: ``epochs`` epochs of :func:`~optimlab.privacy.sampling.poisson_loader` batches
     (``int(1/sample_rate)`` per epoch, sampler seeded by ``seed``) of ``dataset`` (records ``(input, target)``),
     per-sample gradients and a step of ``optimizer`` on each (:meth:`PrivateOptimizer.step_batch`), and a
     :class:`~optimlab.privacy.accounting.PrivacyAccountant` step after each. ``delta`` defaults to 1/N.
 
-    ``optimizer.expected_batch_size`` must be set (``sample_rate * len(dataset)`` is Opacus's choice). Pass an
-    ``accountant`` to continue one (its δ is then used). Needs Opacus (``pip install optimlab[privacy]``)."""
+    ``optimizer.expected_batch_size`` must be set (``sample_rate * len(dataset)`` is Opacus's choice). To continue
+    a run, pass its ``accountant`` and ``sampler_state`` (both in the result): the batches then go on where they
+    stopped, as the accountant assumes (every step samples afresh; a sampler seeded again would draw the first
+    run's batches again). ε is reported at ``delta`` if given, else at the accountant's δ (1/N for a new one).
+    Needs Opacus (``pip install optimlab[privacy]``)."""
     from optimlab.privacy.accounting import PrivacyAccountant, check_delta, default_delta
     from optimlab.privacy.sampling import poisson_loader
 
@@ -362,9 +375,18 @@ def train_private(
             f"it with expected_batch_size=sample_rate * len(dataset) = {sample_rate * len(dataset):g}"
         )
     Interval(1, integer=True).check("epochs", epochs)
+    delta = None if delta is None else check_delta(delta)
     if accountant is None:
-        accountant = PrivacyAccountant(default_delta(len(dataset)) if delta is None else check_delta(delta))
+        accountant = PrivacyAccountant(default_delta(len(dataset)) if delta is None else delta)
+    elif accountant.steps and sampler_state is None:
+        raise ValueError(
+            "continuing an accountant that has recorded steps needs the sampler's state too, or the Poisson batches "
+            "would start over from the seed and repeat the earlier run's (the accountant assumes fresh sampling at "
+            "every step): pass sampler_state=result.sampler_state from the earlier result"
+        )
     loader = poisson_loader(dataset, sample_rate, seed=seed)
+    if sampler_state is not None:
+        loader.batch_sampler.load_state_dict(sampler_state)
     sigma = optimizer.param_groups[0]["noise_multiplier"]
     losses = []
     for _ in range(epochs):
@@ -372,13 +394,15 @@ def train_private(
             losses.append(optimizer.step_batch(model, loss_fn, inputs, targets, chunk_size=chunk_size))
             accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
     note = getattr(optimizer, "epsilon_note", "")
+    delta = accountant.delta if delta is None else delta
     return PrivateTrainingResult(
-        epsilon=accountant.epsilon(),
-        delta=accountant.delta,
+        epsilon=accountant.epsilon(delta),
+        delta=delta,
         steps=accountant.steps,
         losses=torch.stack(losses) if losses else torch.empty(0),
         note=note,
         accountant=accountant,
+        sampler_state=loader.batch_sampler.state_dict(),
     )
 
 
