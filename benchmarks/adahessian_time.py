@@ -33,6 +33,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -172,6 +173,64 @@ def run(rounds: int, warmup: int, steps: int, rows: list[Contender], rng: random
     }
 
 
+def interleaved(cycles: int, warmup: int, rows: list[Contender], rng: random.Random) -> dict:
+    """Paired differences: every contender trains its own copy of one model (same weights, data and probes seed),
+    and each cycle times one iteration of every contender, in a fresh random order, back to back. A contender's
+    time above the floor is the median over cycles of (its iteration - the floor's iteration of the same cycle):
+    drifts slower than a cycle (~0.1 s: the machine's frequency, other processes, memory placement) cancel, which
+    separate blocks per contender do not guarantee."""
+    torch.manual_seed(rng.randrange(2**31))
+    base = ResNetish()
+    data = (torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,)))
+    rigs = []
+    for c in rows:
+        model = ResNetish()
+        model.load_state_dict(base.state_dict())
+        params = list(model.parameters())
+        with kernel_mode(c.kernels):
+            opt = c.make(params)
+        rigs.append((c, model, params, opt, torch.Generator().manual_seed(0)))
+    times: dict[str, list[float]] = {c.name: [] for c in rows}
+    cpu: dict[str, list[float]] = {c.name: [] for c in rows}
+    with OtherCPU() as others:
+        for i in range(warmup + cycles):
+            order = list(rigs)
+            rng.shuffle(order)
+            for c, model, params, opt, generator in order:
+                with kernel_mode(c.kernels):
+                    block = time_calls(partial(iteration, c, model, params, opt, data, generator), 1, cpu=True)
+                if i >= warmup:
+                    times[c.name].append(block["times_ms"][0])
+                    cpu[c.name].append(block["cpu_ms"][0])
+    for _, _, params, _, _ in rigs:
+        for p in params:
+            p.grad = None  # frees the graphs
+    out: dict = {"cycles": cycles, "warmup": warmup, "others_cores": others.cores, "contenders": {}}
+    for c in rows:
+        entry = {"source": c.source, "median_ms": statistics.median(times[c.name])}
+        if c.source not in ("floor", "torch"):
+            for clock, series in (("", times), ("cpu_", cpu)):
+                diffs = [a - b for a, b in zip(series[c.name], series[FLOOR])]
+                entry[f"{clock}above_floor_ms"] = statistics.median(diffs)
+                q1, _, q3 = quartiles(diffs)
+                entry[f"{clock}above_floor_q1_ms"], entry[f"{clock}above_floor_q3_ms"] = q1, q3
+        out["contenders"][c.name] = entry
+    peers = {k: v for k, v in out["contenders"].items() if v["source"].endswith("optimizer")}
+    for clock in ("", "cpu_"):
+        fastest = min(v[f"{clock}above_floor_ms"] for v in peers.values())
+        for v in out["contenders"].values():
+            if f"{clock}above_floor_ms" in v and fastest > 0:
+                v[f"{clock}x_fastest_peer"] = v[f"{clock}above_floor_ms"] / fastest
+    ours = out["contenders"][OURS].get("x_fastest_peer")
+    out["bar"] = {
+        "limit": 0.5,
+        "x_fastest_peer": ours,
+        "cpu_x_fastest_peer": out["contenders"][OURS].get("cpu_x_fastest_peer"),
+        "met": None if ours is None else ours <= 0.5,
+    }
+    return out
+
+
 def isolated(rounds: int, steps: int, rows: list[Contender], rng: random.Random) -> dict:
     """``step()`` alone with the Hessian-vector product replaced by a cached result (``torch.autograd.grad`` returns
     copies of one product): the optimizer's own work, which the bar is about, without the ~20 ms of the product and
@@ -283,6 +342,33 @@ def markdown(data: dict) -> str:
             f"| {fmt(v.get('cpu_above_our_probes_floor_ms_x_fastest_peer'), '.2f')} "
             f"| {fmt(v.get('x_adamw_iteration'), '.2f')} | {v['quiet_blocks']}/{len(v['blocks'])} |"
         )
+    inter = data.get("interleaved")
+    if inter:
+        lines += [
+            "",
+            f"## Interleaved, paired by cycle ({inter['cycles']} cycles after {inter['warmup']})",
+            "",
+            "Each contender trains its own copy of the model; a cycle times one iteration of each, in random order, "
+            "back to back; above floor: the median over cycles of (iteration - the floor's in the same cycle) "
+            "(see `interleaved()`).",
+            "",
+            "| contender | wall ms/iter | above floor ms | p25–p75 | × peer | CPU above floor ms | × peer |",
+            "|---|--:|--:|--:|--:|--:|--:|",
+        ]
+        for name, v in sorted(inter["contenders"].items(), key=lambda kv: kv[1]["median_ms"]):
+            spread = f"{v['above_floor_q1_ms']:.2f}–{v['above_floor_q3_ms']:.2f}" if "above_floor_q1_ms" in v else "—"
+            lines.append(
+                f"| {name} | {v['median_ms']:.2f} | {fmt(v.get('above_floor_ms'), '.3f')} | {spread} "
+                f"| {fmt(v.get('x_fastest_peer'), '.2f')} | {fmt(v.get('cpu_above_floor_ms'), '.3f')} "
+                f"| {fmt(v.get('cpu_x_fastest_peer'), '.2f')} |"
+            )
+        ib = inter["bar"]
+        lines += [
+            "",
+            f"Bar, paired: optimlab's time above the floor {fmt(ib['x_fastest_peer'], '.2f')}× the fastest peer's "
+            f"(wall), {fmt(ib['cpu_x_fastest_peer'], '.2f')}× (CPU) — "
+            f"{'not measurable' if ib['met'] is None else ('met' if ib['met'] else 'NOT met')} (limit {ib['limit']}×).",
+        ]
     iso = data["isolated"]
     lines += [
         "",
@@ -321,14 +407,19 @@ def main(argv: list[str] | None = None) -> None:
         __doc__,
         "smoke run: 2 rounds of 5 iterations",
         argv,
-        add=lambda ap: ap.add_argument(
-            "--rounds", type=int, default=10, help="rounds of the full-iteration measurement (default 10)"
+        add=lambda ap: (
+            ap.add_argument("--rounds", type=int, default=10, help="rounds of the full-iteration blocks (default 10)"),
+            ap.add_argument(
+                "--cycles", type=int, default=400, help="cycles of the interleaved measurement (default 400)"
+            ),
         ),
     )
     rounds, warmup, steps = (2, 2, 5) if args.quick else (args.rounds, 3, 20)
     bench = Run(args)
     bench.data["result"] = run(rounds, warmup, steps, contenders(), random.Random(args.seed))
     add_ratios(bench.data["result"])
+    paired = [c for c in contenders() if c.name != FLOOR_OURS and c.source != "torch"]
+    bench.data["interleaved"] = interleaved(20 if args.quick else args.cycles, 5, paired, random.Random(args.seed))
     bench.data["isolated"] = isolated(*((2, 10) if args.quick else (10, 40)), contenders(), random.Random(args.seed))
     bench.finish("adahessian_time", markdown)
 
