@@ -1,7 +1,7 @@
 """Data-parallel trials: a distributed method trained in :mod:`optimlab.distributed`'s simulator.
 
 On a workload with ``workers > 1`` (:mod:`optimlab.bench.workloads.distributed`), one step of a distributed
-method is: each worker's gradient of its share of the minibatch (``task.worker_losses``), the method's
+method is: each worker's gradient of its share of the minibatch (``task.worker_loss``), the method's
 communication applied to those rows, one update. Which communication depends on the registry kind of the spec's
 method:
 
@@ -33,7 +33,7 @@ import optimlab
 from optimlab.bench.specs import OptimizerSpec
 from optimlab.bench.workloads.base import DataParallelTask, Workload
 from optimlab.distributed.attacks import ATTACKS
-from optimlab.distributed.simulator import assign_gradient, worker_gradients
+from optimlab.distributed.simulator import assign_gradient, flat_gradient
 
 __all__ = ["DataParallelStep", "DDPStep", "is_data_parallel", "allreduce_bytes"]
 
@@ -58,6 +58,29 @@ def _simulates_workers(cls: type) -> bool:
     return "workers" in inspect.signature(cls).parameters
 
 
+def _simulating_optimizer(
+    info: Any,
+    spec: OptimizerSpec,
+    params: list[torch.Tensor],
+    hparams: dict[str, Any],
+    workload: Workload,
+    **extra: Any,
+) -> torch.optim.Optimizer:
+    """The spec's own data-parallel optimizer (1-bit Adam), its warm-up set from the workload's step budget
+    (``total_steps``) unless the spec fixes ``freeze_step``; ``extra`` adds ``workers`` for the simulator."""
+    arguments = {**spec.fixed, **hparams, **extra}
+    if "total_steps" in inspect.signature(info.cls).parameters and "freeze_step" not in arguments:
+        arguments["total_steps"] = workload.max_steps
+    return info.cls(params, **arguments)
+
+
+def _attack(workload: Workload) -> Callable[..., torch.Tensor] | None:
+    """The workload's attack with its options bound (``attack(grads, byzantine, generator=...)``), or None."""
+    if not workload.byzantine:
+        return None
+    return functools.partial(ATTACKS[workload.attack], **dict(workload.attack_options))
+
+
 def allreduce_bytes(params: list[torch.Tensor]) -> int:
     """Bytes one worker hands to DDP's default all-reduce per step: every gradient, in the parameters' dtype."""
     return sum(p.numel() * p.element_size() for p in params)
@@ -79,10 +102,9 @@ class DataParallelStep:
         self._combine: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._bytes: Callable[[], int]
         if info.kind == "optimizer":
-            arguments = {**spec.fixed, **hparams, "workers": self.n_workers}
-            if "total_steps" in inspect.signature(info.cls).parameters and "freeze_step" not in arguments:
-                arguments["total_steps"] = workload.max_steps
-            self.optimizer = self._simulated = info.cls(params, **arguments)
+            self.optimizer = self._simulated = _simulating_optimizer(
+                info, spec, params, hparams, workload, workers=self.n_workers
+            )
             self._last_bytes = 0
             self._bytes = lambda: self._last_bytes
             return
@@ -92,20 +114,24 @@ class DataParallelStep:
             self._combine, self._bytes = scheme, lambda: scheme.bytes_per_worker
             return
         aggregator = info.cls(**spec.fixed)
-        attack = ATTACKS[workload.attack] if workload.byzantine else None
+        attack = _attack(workload)
         generator = torch.Generator(device=params[0].device).manual_seed(seed)
 
         def combine(grads: torch.Tensor) -> torch.Tensor:
             if attack is not None:
-                grads = attack(grads, workload.byzantine, generator=generator, **dict(workload.attack_options))
+                grads = attack(grads, workload.byzantine, generator=generator)
             return aggregator(grads)
 
         self._combine, self._bytes = combine, lambda: allreduce_bytes(params)  # every worker's full gradient
 
     def __call__(self, task: DataParallelTask, step: int) -> torch.Tensor:
         """Take training step ``step`` (every worker's share of its minibatch); return the workers' mean loss."""
-        losses = task.worker_losses(step, self.n_workers)
-        worker_grads, mean_loss = worker_gradients(self.params, lambda _, loss: loss, losses)
+        rows, losses = [], []
+        for i in range(self.n_workers):
+            loss = task.worker_loss(step, self.n_workers, i)
+            rows.append(flat_gradient(loss, self.params))
+            losses.append(loss.detach())
+        worker_grads = torch.stack(rows)
         if self._combine is None:
             before = self._simulated.bytes_sent  # cumulative: keep the step's share
             self._simulated.step(worker_grads=worker_grads)
@@ -113,7 +139,7 @@ class DataParallelStep:
         else:
             assign_gradient(self.params, self._combine(worker_grads))
             self.optimizer.step()
-        return mean_loss.mean()
+        return torch.stack(losses).mean()
 
     def bench_metrics(self) -> dict[str, float]:
         return {"bytes_per_worker": float(self._bytes())}
@@ -165,10 +191,7 @@ class DDPStep:
         info = optimlab.get(spec.name) if spec.inner is None and spec.name in optimlab.REGISTRY else None
         kind = None if info is None else info.kind
         if kind == "optimizer" and is_data_parallel(spec, workload):
-            arguments = {**spec.fixed, **hparams}
-            if "total_steps" in inspect.signature(info.cls).parameters and "freeze_step" not in arguments:
-                arguments["total_steps"] = workload.max_steps
-            self.optimizer = info.cls(params, **arguments)
+            self.optimizer = _simulating_optimizer(info, spec, params, hparams, workload)
             register_onebit_adam(self.ddp, self.optimizer)
             self._comm = self.optimizer.comm
             return
@@ -182,9 +205,12 @@ class DDPStep:
             self._comm = info.cls(**spec.fixed).register(self.ddp).comm
         elif kind == "aggregator":
             byzantine = tuple(range(self.n_workers - workload.byzantine, self.n_workers))
-            attack = functools.partial(ATTACKS[workload.attack], **dict(workload.attack_options)) if byzantine else None
             state = RobustHookState(
-                Communicator(), info.cls(**spec.fixed), byzantine, attack, torch.Generator().manual_seed(seed)
+                Communicator(),
+                info.cls(**spec.fixed),
+                byzantine,
+                _attack(workload),
+                torch.Generator().manual_seed(seed),
             )
             self.ddp.register_comm_hook(state, robust_hook)
             self._comm = state.comm

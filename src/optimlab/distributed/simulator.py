@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["worker_gradients", "assign_gradient", "flat_params"]
+__all__ = ["worker_gradients", "flat_gradient", "assign_gradient", "flat_params"]
 
 
 def _trainable(model: nn.Module | Iterable[Tensor]) -> list[Tensor]:
@@ -29,6 +29,13 @@ def _trainable(model: nn.Module | Iterable[Tensor]) -> list[Tensor]:
 def flat_params(model: nn.Module | Iterable[Tensor]) -> Tensor:
     """The trainable parameters concatenated into one vector (a copy)."""
     return torch.cat([p.detach().reshape(-1) for p in _trainable(model)])
+
+
+def flat_gradient(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """The gradient of ``loss`` with respect to ``params``, flattened into one vector in their order (zeros for a
+    parameter the loss does not use); frees the loss's graph and leaves ``p.grad`` as it was."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
 
 
 def worker_gradients(
@@ -48,8 +55,7 @@ def worker_gradients(
     rows, losses = [], []
     for batch in worker_batches:
         loss = loss_fn(model, batch)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]))
+        rows.append(flat_gradient(loss, params))
         losses.append(loss.detach())
     return torch.stack(rows), torch.stack(losses)
 

@@ -35,10 +35,7 @@ class DataParallelTask(Task, Protocol):
     def worker_loss(self, step: int, n: int, i: int) -> torch.Tensor:
         """Worker ``i``'s loss on its share of minibatch ``step`` spread over ``n`` workers, computed with
         ``self.model`` (which may be a DDP wrapper on a real rank). The mean over ``i`` has the gradient of the
-        whole minibatch's loss (what DDP's all-reduce averages)."""
-
-    def worker_losses(self, step: int, n: int) -> list[torch.Tensor]:
-        """Every worker's loss (:meth:`worker_loss` for ``i`` in ``range(n)``), each with its own graph."""
+        whole minibatch's loss (what DDP's all-reduce averages). Each call builds its own graph."""
 
 
 @dataclass(frozen=True)

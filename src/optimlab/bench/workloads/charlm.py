@@ -98,9 +98,6 @@ class CharLMTask:
         """Share ``i`` of minibatch ``step``'s windows cut into ``n`` contiguous shares."""
         return self._loss(self._batch(step).tensor_split(n)[i])
 
-    def worker_losses(self, step: int, n: int) -> list[torch.Tensor]:
-        return [self.worker_loss(step, n, i) for i in range(n)]
-
     def evaluate(self, split: str) -> dict[str, float]:
         if split not in self.eval_sets:
             raise KeyError(f"unknown split {split!r}; expected one of val, test")

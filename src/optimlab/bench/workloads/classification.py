@@ -45,9 +45,6 @@ class ClassificationTask:
         part = self.batches(step).tensor_split(n)[i]
         return self.loss(self.model(self.x[part]), self.y[part])
 
-    def worker_losses(self, step: int, n: int) -> list[torch.Tensor]:
-        return [self.worker_loss(step, n, i) for i in range(n)]
-
     def evaluate(self, split: str) -> dict[str, float]:
         if split not in self.splits:
             raise KeyError(f"unknown split {split!r}; expected one of {', '.join(self.splits)}")

@@ -2,7 +2,7 @@
 
 A trial with a distributed method (kinds "communication" and "aggregator", and optimizers with a simulator such
 as 1-bit Adam) trains through :mod:`optimlab.distributed`'s single-process simulator: each worker's gradient of
-:meth:`worker_losses`, the method's communication applied to them, one update. Any other optimizer trains on
+:meth:`worker_loss`, the method's communication applied to them, one update. Any other optimizer trains on
 the mean of the workers' losses, whose gradient is exactly what DDP's all-reduce averages.
 
 - ``lsq-hetero`` (EControl's kind of problem, arXiv 2311.05645): distributed least squares over 10 workers whose
@@ -81,9 +81,6 @@ class LSQTask:
         if n != LSQ_WORKERS:
             raise ValueError(f"lsq-hetero's data are split over {LSQ_WORKERS} workers, not {n}")
         return 0.5 * (self.a[i] @ self.model() - self.b[i]).square().sum()
-
-    def worker_losses(self, step: int, n: int) -> list[torch.Tensor]:
-        return [self.worker_loss(step, n, i) for i in range(n)]
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
