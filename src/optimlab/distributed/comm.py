@@ -119,6 +119,5 @@ def allreduce_hook(comm: Communicator, bucket: dist.GradBucket) -> torch.futures
     without a hook (sum all-reduce of the bucket, divided by the world size).
     """
     buffer = bucket.buffer().div_(comm.world_size)
-    comm._count(buffer)
-    fut = dist.all_reduce(buffer, group=comm.group, async_op=True).get_future()
+    fut = comm.all_reduce(buffer, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
