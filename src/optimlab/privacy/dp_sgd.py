@@ -153,13 +153,6 @@ class PrivateOptimizer(OptimlabOptimizer):
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         return {}
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The noise generator, seeded on first use from the param groups' ``seed`` (a loaded checkpoint's, as for
-        every shared hyperparameter), not the constructor's."""
-        if self._generator is None:
-            self._generator = torch.Generator(device=device).manual_seed(int(self._shared()["seed"]))
-        return self._generator
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``p.grad`` as torch's ``zero_grad``, and ``p.grad_sample`` (Opacus's per-sample gradients) removed."""
         super().zero_grad(set_to_none=set_to_none)
