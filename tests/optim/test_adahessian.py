@@ -221,6 +221,24 @@ def test_probes_come_from_the_optimizer_generator() -> None:
     assert set(probes.unique().tolist()) == {-1.0, 1.0} and abs(probes.mean().item()) < 0.1
 
 
+def test_probe_entries_are_fair_and_independent_at_every_bit_position() -> None:
+    """31 entries come from one random word: each of the 31 positions is fair (mean 0), neighbours and positions a
+    word apart are uncorrelated, and the dtype/shape follow each tensor. Bounds: 5 standard errors."""
+    words, rows = 31, 40_000
+    shapes = [(rows, words)]
+    (z,) = rademacher_probes([torch.zeros(shapes[0])], torch.Generator().manual_seed(11))
+    bound = 5 / math.sqrt(rows)
+    assert z.abs().eq(1).all()
+    assert z.mean(0).abs().max() < bound  # every bit position fair
+    assert (z[:, :-1] * z[:, 1:]).mean(0).abs().max() < bound  # neighbours within a word
+    assert (z[:-1] * z[1:]).mean(0).abs().max() < bound  # the same position in consecutive words
+    probes = rademacher_probes(
+        [torch.zeros(3, 5, dtype=torch.float64), torch.zeros(7, dtype=torch.bfloat16)], torch.Generator().manual_seed(0)
+    )
+    assert [(p.shape, p.dtype) for p in probes] == [((3, 5), torch.float64), ((7,), torch.bfloat16)]
+    assert all(p.abs().eq(1).all() for p in probes)
+
+
 # -- update_each ----------------------------------------------------------------------------------------------
 def reference_run(model: nn.Module, steps: int, *, update_each: int, lr: float, betas, eps: float, seed: int):
     """AdaHessian written out directly (per tensor, float64): the probe drawn only on every update_each-th step,

@@ -137,14 +137,16 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     def _gather(self, group: dict[str, Any]) -> tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict]]:
         params, grads, states = [], [], []
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            self._check_grad(p)
+            if grad.is_sparse or grad.is_complex() or p.is_complex():
+                self._check_grad(p)
             state = self.state[p]
             if not state:
                 state.update(self._init_state(p))
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             states.append(state)
         return group, params, grads, states
 
@@ -165,7 +167,9 @@ class OptimlabOptimizer(torch.optim.Optimizer):
         """Update every batch (one per param group with gradients). Override for cross-group logic."""
         for group, params, grads, states in batches:
             work = [p.float() if p.dtype in LOW_PRECISION else p for p in params]
-            self._update_group(group, work, [g.to(w.dtype) for g, w in zip(grads, work)], states)
+            self._update_group(
+                group, work, [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, work)], states
+            )
             for p, w in zip(params, work):
                 if w is not p:
                     p.copy_(w)

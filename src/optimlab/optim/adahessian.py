@@ -93,27 +93,28 @@ _NO_ESTIMATE_YET = (
 
 
 _BITS = 31  # random_() on int32 fills [0, 2**31 - 1]: 31 independent fair bits per draw
+_ONE = 0x3F800000  # the bits of float32 1.0: with the sign bit set, -1.0
 
 
 def rademacher_probes(tensors: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
     """One Rademacher probe (entries ±1, each with probability ½, independent) shaped like each tensor, in its
     dtype and on its device, from one draw of ``generator``: every probe is a slice of one flat sample, in order.
 
-    Each random 31-bit word gives 31 entries (its bits), a third of the cost of one draw per entry on a CPU.
+    Each random 31-bit word gives 31 entries: bit j becomes the sign bit of 1.0 (in float32; cast where a tensor has
+    another dtype), so a set bit is -1: three integer passes over the sample, a third to a fifth of the cost of one
+    draw per entry on a CPU (``benchmarks/adahessian_time.py``).
     """
     if not tensors:
         return []
-    dtypes = {t.dtype for t in tensors}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # ±1 is exact in every float dtype
     sizes = [t.numel() for t in tensors]
     total, device = sum(sizes), generator.device
     words = torch.empty(-(-total // _BITS), dtype=torch.int32, device=device).random_(generator=generator)
-    shifts = torch.arange(_BITS, dtype=torch.int32, device=device)
-    bits = words.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[:total]
-    flat = bits.to(dtype).mul_(2).sub_(1)
-    probes = [z.view(t.shape) for z, t in zip(flat.split(sizes), tensors)]
+    to_sign_bit = torch.arange(_BITS, 0, -1, dtype=torch.int32, device=device)  # bit j moves to bit 31
+    signs = words.unsqueeze(1).bitwise_left_shift(to_sign_bit).view(-1)[:total]
+    flat = signs.bitwise_and_(-(2**31)).bitwise_or_(_ONE).view(torch.float32)
     return [
-        z if z.dtype == t.dtype and z.device == t.device else z.to(t.device, t.dtype) for z, t in zip(probes, tensors)
+        z.view_as(t) if z.dtype == t.dtype and z.device == t.device else z.to(t.device, t.dtype).view_as(t)
+        for z, t in zip(flat.split_with_sizes(sizes), tensors)
     ]
 
 
@@ -133,25 +134,36 @@ def hessian_diagonals(
     itself: the update uses only ``D²``, and ``|hz|²`` = ``(probe * hz)²`` = ``hz²``, so the sign is left out
     rather than computed. The inputs are not modified.
     """
-    out = []
-    for i, (hz, probe) in enumerate(zip(hzs, probes)):
-        if dtypes is not None and hz.dtype != dtypes[i]:
-            hz = hz.to(dtypes[i])
-        if spatial_average and hz.dim() >= 3:
-            hz = _kernel_mean(hz.abs() if abs_before_avg else hz * probe)
-        out.append(hz)
+    out = [hz if dtypes is None or hz.dtype == dtypes[i] else hz.to(dtypes[i]) for i, hz in enumerate(hzs)]
+    kernels = [i for i, hz in enumerate(out) if hz.dim() >= 3] if spatial_average else []
+    if not kernels:
+        return out
+    # one call for all the kernels' |hz| (or z * hz), and one averaging vector per kernel size and dtype
+    if abs_before_avg:
+        signed = torch._foreach_abs([out[i] for i in kernels])
+    else:
+        signed = [out[i] * probes[i] for i in kernels]
+    averagers: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+    for i, x in zip(kernels, signed):
+        out[i] = _kernel_mean(x, averagers)
     return out
 
 
-def _kernel_mean(x: Tensor) -> Tensor:
-    """The mean over dimensions 2 and up, kept as size-1 dimensions. A matrix-vector product over the flat kernels
-    takes half the time of ``mean()`` over the last dims on a CPU (3x3 kernels), and no copy: a conv weight's
-    Hessian-vector product comes out (in, out)-major, which is read as it is, transposed."""
-    if x.stride(0) < x.stride(1):
-        return _kernel_mean(x.transpose(0, 1)).transpose(0, 1)
-    kernel_size = math.prod(x.shape[2:])
-    rows = x.reshape(-1, kernel_size)
-    return rows.mv(rows.new_full((kernel_size,), 1 / kernel_size)).view(*x.shape[:2], *(1,) * (x.dim() - 2))
+def _kernel_mean(x: Tensor, averagers: dict[tuple[int, torch.dtype, torch.device], Tensor]) -> Tensor:
+    """The mean over dimensions 2 and up, kept as size-1 dimensions (``averagers`` caches the vectors of
+    ``1/kernel_size``). A matrix-vector product over the flat kernels takes half the time of ``mean()`` over the
+    last dims on a CPU (3x3 kernels), and no copy: a conv weight's Hessian-vector product comes out (in, out)-major,
+    which is read as it is, transposed."""
+    swap = x.stride(0) < x.stride(1)
+    kernel_size, ones = math.prod(x.shape[2:]), (1,) * (x.dim() - 2)
+    rows = (x.transpose(0, 1) if swap else x).reshape(-1, kernel_size)
+    key = (kernel_size, x.dtype, x.device)
+    if key not in averagers:
+        averagers[key] = rows.new_full((kernel_size,), 1 / kernel_size)
+    mean = rows.mv(averagers[key])
+    if swap:
+        return mean.view(x.shape[1], x.shape[0], *ones).transpose(0, 1)
+    return mean.view(*x.shape[:2], *ones)
 
 
 @kernel(read_only=("g", "d"))
@@ -219,7 +231,8 @@ def adahessian_(
     params, grads = [params[i] for i in eager], [grads[i] for i in eager]
     diags, states = [hessian_diags[i] for i in eager], [states[i] for i in eager]
     ms, vs = [s["exp_avg"] for s in states], [s["exp_hessian_diag_sq"] for s in states]
-    eps_scaled, step_sizes = zip(*(_bias_corrections(s["step"], beta1, beta2, power, eps, lr) for s in states))
+    corrections = {t: _bias_corrections(t, beta1, beta2, power, eps, lr) for t in {s["step"] for s in states}}
+    eps_scaled, step_sizes = zip(*(corrections[s["step"]] for s in states))
     torch._foreach_lerp_(ms, grads, 1 - beta1)
     torch._foreach_lerp_(vs, torch._foreach_mul(diags, diags), 1 - beta2)
     denom = torch._foreach_sqrt(vs) if power == 1.0 else torch._foreach_pow(vs, power / 2)
@@ -289,9 +302,8 @@ class AdaHessian(OptimlabOptimizer):
         )
 
     # never traced: a compiled step would still differentiate the model's compiled backward, which AOTAutograd
-    # cannot do twice; eager, that case raises autograd's own clear error
+    # cannot do twice; eager, that case raises autograd's own clear error (no_grad: the base class's step)
     @torch.compiler.disable
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if getattr(self, "found_inf", None) is not None or getattr(self, "grad_scale", None) is not None:
             raise RuntimeError(
