@@ -100,9 +100,9 @@ def rademacher_probes(tensors: Sequence[Tensor], generator: torch.Generator) -> 
     """One Rademacher probe (entries ±1, each with probability ½, independent) shaped like each tensor, in its
     dtype and on its device, from one draw of ``generator``: every probe is a slice of one flat sample, in order.
 
-    Each random 31-bit word gives 31 entries: bit j becomes the sign bit of 1.0 (in float32; cast where a tensor has
-    another dtype), so a set bit is -1: three integer passes over the sample, a third to a fifth of the cost of one
-    draw per entry on a CPU (``benchmarks/adahessian_time.py``).
+    Each random 31-bit word gives 31 entries: the complement of bit j becomes the sign bit of 1.0 (in float32; cast
+    where a tensor has another dtype), so a set bit is +1 (the stream of earlier versions): three integer passes over
+    the sample, a third to a fifth of the cost of one draw per entry on a CPU (``benchmarks/adahessian_time.py``).
     """
     if not tensors:
         return []
@@ -110,7 +110,7 @@ def rademacher_probes(tensors: Sequence[Tensor], generator: torch.Generator) -> 
     total, device = sum(sizes), generator.device
     words = torch.empty(-(-total // _BITS), dtype=torch.int32, device=device).random_(generator=generator)
     to_sign_bit = torch.arange(_BITS, 0, -1, dtype=torch.int32, device=device)  # bit j moves to bit 31
-    signs = words.unsqueeze(1).bitwise_left_shift(to_sign_bit).view(-1)[:total]
+    signs = words.bitwise_not_().unsqueeze(1).bitwise_left_shift(to_sign_bit).view(-1)[:total]
     flat = signs.bitwise_and_(-(2**31)).bitwise_or_(_ONE).view(torch.float32)
     return [
         z.view_as(t) if z.dtype == t.dtype and z.device == t.device else z.to(t.device, t.dtype).view_as(t)
