@@ -224,10 +224,9 @@ def test_probes_come_from_the_optimizer_generator() -> None:
 def test_probe_entries_are_fair_and_independent_at_every_bit_position() -> None:
     """31 entries come from one random word: each of the 31 positions is fair (mean 0), neighbours and positions a
     word apart are uncorrelated, and the dtype/shape follow each tensor. Bounds: 5 standard errors."""
-    words, rows = 31, 40_000
-    shapes = [(rows, words)]
-    (z,) = rademacher_probes([torch.zeros(shapes[0])], torch.Generator().manual_seed(11))
-    bound = 5 / math.sqrt(rows)
+    bits, words = 31, 40_000
+    (z,) = rademacher_probes([torch.zeros(words, bits)], torch.Generator().manual_seed(11))  # a row per word
+    bound = 5 / math.sqrt(words)
     assert z.abs().eq(1).all()
     assert z.mean(0).abs().max() < bound  # every bit position fair
     assert (z[:, :-1] * z[:, 1:]).mean(0).abs().max() < bound  # neighbours within a word

@@ -151,6 +151,7 @@ class OptimlabOptimizer(torch.optim.Optimizer):
         return group, params, grads, states
 
     def _check_grad(self, p: Tensor) -> None:
+        # called by _gather only for a sparse or complex gradient or a complex parameter (the per-step cost)
         caps = self.info.capabilities
         if p.grad.is_sparse and not caps.sparse_grads:
             raise TypeError(

@@ -93,16 +93,17 @@ _NO_ESTIMATE_YET = (
 
 
 _BITS = 31  # random_() on int32 fills [0, 2**31 - 1]: 31 independent fair bits per draw
-_ONE = 0x3F800000  # the bits of float32 1.0: with the sign bit set, -1.0
+_MINUS_ONE = 0x3F800000 - 2**31  # the bits of float32 -1.0 as an int32: 1.0's exponent and the sign bit
 
 
 def rademacher_probes(tensors: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
     """One Rademacher probe (entries ±1, each with probability ½, independent) shaped like each tensor, in its
     dtype and on its device, from one draw of ``generator``: every probe is a slice of one flat sample, in order.
 
-    Each random 31-bit word gives 31 entries: the complement of bit j becomes the sign bit of 1.0 (in float32; cast
-    where a tensor has another dtype), so a set bit is +1 (the stream of earlier versions): three integer passes over
-    the sample, a third to a fifth of the cost of one draw per entry on a CPU (``benchmarks/adahessian_time.py``).
+    Each random 31-bit word gives 31 entries: bit j is moved to the sign bit, alone, and xor-ed with the bits of -1.0
+    (in float32; cast where a tensor has another dtype), so a set bit is +1 and a clear one -1 (the stream of earlier
+    versions): three integer passes over the sample, a third to a fifth of the cost of one draw per entry on a CPU
+    (``benchmarks/adahessian_time.py``).
     """
     if not tensors:
         return []
@@ -110,8 +111,8 @@ def rademacher_probes(tensors: Sequence[Tensor], generator: torch.Generator) -> 
     total, device = sum(sizes), generator.device
     words = torch.empty(-(-total // _BITS), dtype=torch.int32, device=device).random_(generator=generator)
     to_sign_bit = torch.arange(_BITS, 0, -1, dtype=torch.int32, device=device)  # bit j moves to bit 31
-    signs = words.bitwise_not_().unsqueeze(1).bitwise_left_shift(to_sign_bit).view(-1)[:total]
-    flat = signs.bitwise_and_(-(2**31)).bitwise_or_(_ONE).view(torch.float32)
+    signs = words.unsqueeze(1).bitwise_left_shift(to_sign_bit).view(-1)[:total]
+    flat = signs.bitwise_and_(-(2**31)).bitwise_xor_(_MINUS_ONE).view(torch.float32)
     return [
         z.view_as(t) if z.dtype == t.dtype and z.device == t.device else z.to(t.device, t.dtype).view_as(t)
         for z, t in zip(flat.split_with_sizes(sizes), tensors)
