@@ -363,13 +363,15 @@ def robust_hook(state: RobustHookState, bucket: dist.GradBucket) -> torch.future
     return fut
 
 
+# the range of the SGD step an aggregate drives (what the bench tunes), the same for every aggregator
+AGGREGATOR_LR_RANGE = (3e-3, 3.0)
 _YIN = "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates"
 register(
     MethodInfo(
         name="mean",
         cls=Mean,
         kind="aggregator",
-        lr_range=(3e-3, 3.0),  # of the SGD step the aggregate drives (what the bench tunes)
+        lr_range=AGGREGATOR_LR_RANGE,
         paper=_YIN,
         arxiv="1803.01498",
         summary="The plain average of the workers' gradients (DDP's default): the non-robust baseline of Yin et al.",
@@ -380,7 +382,7 @@ register(
         name="coordinate_median",
         cls=CoordinateMedian,
         kind="aggregator",
-        lr_range=(3e-3, 3.0),  # of the SGD step the aggregate drives (what the bench tunes)
+        lr_range=AGGREGATOR_LR_RANGE,
         paper=_YIN,
         arxiv="1803.01498",
         summary="Coordinate-wise median of the workers' gradients.",
@@ -391,7 +393,7 @@ register(
         name="trimmed_mean",
         cls=TrimmedMean,
         kind="aggregator",
-        lr_range=(3e-3, 3.0),  # of the SGD step the aggregate drives (what the bench tunes)
+        lr_range=AGGREGATOR_LR_RANGE,
         paper=_YIN,
         arxiv="1803.01498",
         summary="Coordinate-wise mean after dropping the f largest and f smallest values (f = floor(beta n) or given).",
@@ -403,7 +405,7 @@ register(
         name="krum",
         cls=Krum,
         kind="aggregator",
-        lr_range=(3e-3, 3.0),  # of the SGD step the aggregate drives (what the bench tunes)
+        lr_range=AGGREGATOR_LR_RANGE,
         paper="Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
         arxiv="1703.02757",
         summary="The gradient closest to its n - f - 2 nearest neighbours (multi-Krum: mean of the m best).",

@@ -93,7 +93,7 @@ from torch import Tensor
 
 from optimlab._core.validation import NON_NEGATIVE, POSITIVE, Choice, Interval, check_hyperparameters
 from optimlab._core.validation import Flag as BoolRule
-from optimlab.distributed.aggregators import Aggregator, _rows
+from optimlab.distributed.aggregators import AGGREGATOR_LR_RANGE, Aggregator, _rows
 from optimlab.registry import Capabilities, MethodInfo, register
 
 __all__ = ["Flag", "flag_aggregate", "flag_median", "flag_init", "flag_objective", "SCALES"]
@@ -265,7 +265,7 @@ register(
         name="flag",
         cls=Flag,
         kind="aggregator",
-        lr_range=(3e-3, 3.0),  # of the SGD step the aggregate drives (what the bench tunes)
+        lr_range=AGGREGATOR_LR_RANGE,
         paper=(
             "Flag Aggregator: Scalable Distributed Training under Failures and Augmented Losses using Convex "
             "Optimization"
