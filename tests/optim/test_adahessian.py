@@ -238,8 +238,8 @@ def test_probe_entries_are_fair_and_independent_at_every_bit_position() -> None:
     assert all(p.abs().eq(1).all() for p in probes)
     # the stream itself: entry k is +1 where bit k % 31 of word k // 31 is set (a resumed run, or a result saved by
     # an earlier version, draws the same probes)
-    words = torch.empty(3, dtype=torch.int32).random_(generator=torch.Generator().manual_seed(5))
-    expected = [1.0 if (int(words[k // 31]) >> (k % 31)) & 1 else -1.0 for k in range(70)]
+    drawn = torch.empty(3, dtype=torch.int32).random_(generator=torch.Generator().manual_seed(5))
+    expected = [1.0 if (int(drawn[k // 31]) >> (k % 31)) & 1 else -1.0 for k in range(70)]
     (z,) = rademacher_probes([torch.zeros(70)], torch.Generator().manual_seed(5))
     assert z.tolist() == expected
 

@@ -140,8 +140,7 @@ class OptimlabOptimizer(torch.optim.Optimizer):
             grad = p.grad
             if grad is None:
                 continue
-            if grad.is_sparse or grad.is_complex() or p.is_complex():
-                self._check_grad(p)
+            self._check_grad(p)
             state = self.state[p]
             if not state:
                 state.update(self._init_state(p))
@@ -151,14 +150,13 @@ class OptimlabOptimizer(torch.optim.Optimizer):
         return group, params, grads, states
 
     def _check_grad(self, p: Tensor) -> None:
-        # called by _gather only for a sparse or complex gradient or a complex parameter (the per-step cost)
-        caps = self.info.capabilities
-        if p.grad.is_sparse and not caps.sparse_grads:
+        # every parameter on every step: the capabilities are looked up only for a gradient that needs them
+        if p.grad.is_sparse and not self.info.capabilities.sparse_grads:
             raise TypeError(
                 f"{type(self).__name__} does not support sparse gradients; use dense gradients "
                 "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam for sparse parameters"
             )
-        if (p.is_complex() or p.grad.is_complex()) and not caps.complex_params:
+        if (p.is_complex() or p.grad.is_complex()) and not self.info.capabilities.complex_params:
             raise TypeError(
                 f"{type(self).__name__} does not support complex parameters; optimize "
                 "torch.view_as_real(p) as a real parameter instead"
