@@ -230,15 +230,11 @@ def interleaved(cycles: int, warmup: int, rows: list[Contender], rng: random.Ran
             if name in diffs[clock]:
                 v[f"{clock}x_fastest_peer"] = v[f"{clock}above_floor_ms"] / peers[fastest][f"{clock}above_floor_ms"]
         low, high, peer_low = bootstrap_ratio(diffs[clock][OURS], diffs[clock][fastest], rng)
-        out["bar"].update(
-            {
-                f"{clock}x_fastest_peer": out["contenders"][OURS][f"{clock}x_fastest_peer"],
-                f"{clock}interval": [low, high],
-            }
-        )
+        out["bar"][f"{clock}x_fastest_peer"] = out["contenders"][OURS][f"{clock}x_fastest_peer"]
+        out["bar"][f"{clock}interval"] = [low, high]
         out["bar"][f"{clock}peer_resolved"] = peer_low > 0
-    ours = out["bar"]["x_fastest_peer"]
-    out["bar"]["met"] = ours <= 0.5 if out["bar"]["peer_resolved"] else None
+    bar = out["bar"]
+    bar["met"] = bar["x_fastest_peer"] <= bar["limit"] if bar["peer_resolved"] else None
     return out
 
 
